@@ -1,0 +1,45 @@
+# Two commands on a fresh machine, with nothing but Python 3.10+ and make:
+#   make lab    JupyterLab on notebooks/   (the main job)
+#   make test   lint, unit tests and every notebook under nbval
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+JUPYTER_PORT ?= 8888
+
+.PHONY: lab test lint demo serve notebooks format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# One stamp per extra: reinstalled whenever pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[$*]'
+	touch $@
+
+lab: $(VENV)/.installed-lab
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(JUPYTER_PORT)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/python -m sse_lab.authoring --check
+	$(BIN)/pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+
+demo: $(VENV)/.installed-lab
+	$(BIN)/python -m sse_lab demo --output build/why_streaming.png
+
+serve: $(VENV)/.installed-lab
+	$(BIN)/python -m sse_lab serve
+
+notebooks: $(VENV)/.installed-test
+	$(BIN)/python -m sse_lab.authoring
+
+format: $(VENV)/.installed-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis

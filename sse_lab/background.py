@@ -1,0 +1,213 @@
+"""A real uvicorn server on a real socket, running inside the notebook's kernel.
+
+    notebook thread                      server thread (own event loop)
+    ───────────────                      ──────────────────────────────
+    serve_in_background() ─ bind ──────▶ uvicorn.Server.serve(sockets=[sock])
+            │  waits for server.started ◀── startup done
+            ▼
+    handle.url  ── HTTP over loopback ──▶ app (wrapped in _Closing)
+    handle.stop() ─ call_soon_threadsafe ▶ close open responses cleanly
+                  ─ server.should_exit ──▶ uvicorn shuts down, thread ends
+
+Open streams are ended by the `_Closing` wrapper (the client sees the response end,
+not a reset) so that uvicorn's graceful shutdown has nothing left to wait for and
+no cancelled request gets logged as a traceback in the notebook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+import weakref
+from types import TracebackType
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .server import create_app
+
+STOP_TIMEOUT_S = 1.0
+
+
+class ServerStartError(RuntimeError):
+    """The server could not start: the port is taken, or the app failed its startup."""
+
+
+class _Closing:
+    """ASGI middleware that ends every open HTTP response when `close()` is called."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.closed = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"started": False, "complete": False}
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["started"] = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["complete"] = True
+            await send(message)
+
+        responding = asyncio.ensure_future(self.app(scope, receive, tracking_send))
+        closing = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait((responding, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not responding.done():
+                responding.cancel()
+                await asyncio.wait((responding,))
+        if not responding.cancelled():
+            responding.result()  # let the server report the app's own errors
+        elif not status["started"]:
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": b"server is stopping"})
+        elif not status["complete"]:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _ServerThread:
+    """The uvicorn server, its thread and loop: everything `stop()` needs, and no handle."""
+
+    def __init__(self, app: ASGIApp, sock: socket.socket) -> None:
+        self.closing_app = _Closing(app)
+        config = uvicorn.Config(
+            self.closing_app,
+            log_config=None,  # leave the kernel's logging alone
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=STOP_TIMEOUT_S / 2,
+        )
+        self.server = uvicorn.Server(config)
+        self.sock = sock
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"sse-lab-server-{sock.getsockname()[1]}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as error:  # reported to the starting thread
+            self.error = error
+        finally:
+            self.sock.close()
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve(sockets=[self.sock])
+
+    def start(self, timeout_s: float) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise ServerStartError(f"the server did not start: {self.error or 'see the log above'}") from self.error
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the server did not start within {timeout_s} s")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing to end
+                self.loop.call_soon_threadsafe(self.closing_app.closed.set)
+        self.server.should_exit = True
+        self.thread.join(STOP_TIMEOUT_S * 0.8)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(STOP_TIMEOUT_S * 0.2)
+
+
+_by_address: dict[tuple[str, int], _ServerThread] = {}
+
+
+class BackgroundServer:
+    """Handle on a server running in this process: its `url`, and `stop()`.
+
+    The server also stops when the handle is garbage collected, so re-running a
+    notebook cell `server = serve_in_background()` stops the server it replaces.
+    """
+
+    def __init__(self, running: _ServerThread, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        self._thread = running.thread
+        self._stop = weakref.finalize(self, _stop_and_forget, running, (host, port))
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        """End open responses, stop the server and its thread; idempotent, about 0.3 s."""
+        self._stop()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<BackgroundServer {self.url} {'running' if self.running else 'stopped'}>"
+
+
+def _stop_and_forget(running: _ServerThread, address: tuple[str, int]) -> None:
+    running.stop()
+    if _by_address.get(address) is running:
+        del _by_address[address]
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as error:
+        sock.close()
+        raise ServerStartError(f"cannot serve on {host}:{port}: {error.strerror}") from error
+    return sock
+
+
+def serve_in_background(
+    app: ASGIApp | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout_s: float = 10.0,
+) -> BackgroundServer:
+    """Start `app` (default: `create_app()`) on its own thread and return once it accepts connections.
+
+    It binds loopback and a free port unless told otherwise. Asking again for a
+    port that an earlier in-kernel server still holds stops that server first,
+    so a re-run notebook cell replaces its server instead of failing.
+
+    >>> with serve_in_background() as server:
+    ...     server.url.startswith("http://127.0.0.1:")
+    True
+    """
+    if port and (earlier := _by_address.get((host, port))):
+        _stop_and_forget(earlier, (host, port))
+    sock = _bind(host, port)
+    port = sock.getsockname()[1]
+    running = _ServerThread(create_app() if app is None else app, sock)
+    running.start(startup_timeout_s)
+    _by_address[(host, port)] = running
+    return BackgroundServer(running, host, port)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sse_lab import stream_chat
+from sse_lab.cli import main
+
+
+def test_demo_prints_a_table_and_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "figures" / "demo.png"
+    argv = ["demo", "--runs", "2", "--tokens", "5", "--ttft-ms", "20", "--token-ms", "20", "--output", str(output)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^streamed\s+2\s", printed, re.MULTILINE)
+    assert re.search(r"^buffered\s+2\s", printed, re.MULTILINE)
+    assert output.read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_runs_until_interrupted_then_stops_cleanly() -> None:
+    command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            banner = process.stdout.readline()  # blocks until the server is up, or the process died
+            url = re.search(r"http://127\.0\.0\.1:\d+", banner)
+            assert url, f"no URL in {banner!r}; stderr: {process.stderr.read() if process.poll() else ''}"
+            assert stream_chat(url.group(), "hi", max_tokens=3, ttft_ms=0, token_ms=0).tokens == 3
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=10)
+        finally:
+            process.kill()
+    assert process.returncode == 0
+    assert "stopped" in out
+    assert "Traceback" not in err
+
+
+def test_serve_refuses_a_port_in_use_with_a_clear_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "sse_lab", "serve", "--port", str(port)]
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert finished.returncode == 1
+    assert finished.stderr == f"sse-lab: cannot serve on 127.0.0.1:{port}: Address already in use\n"

@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sse_lab.model import MODELS, GenerationRequest, TokenSource, echo, echo_tokens, schedule_ms, sim, sim_tokens
+
+
+def run(model: str, request: GenerationRequest) -> list[str]:
+    async def collect() -> list[str]:
+        return [token async for token in MODELS[model](request)]
+
+    return asyncio.run(collect())
+
+
+def fast(prompt: str, **fields: object) -> GenerationRequest:
+    return GenerationRequest(prompt, ttft_ms=0, token_ms=0, **fields)  # type: ignore[arg-type]
+
+
+def test_sim_is_deterministic_for_a_prompt_and_seed() -> None:
+    assert run("sim", fast("hello", seed=7)) == run("sim", fast("hello", seed=7))
+
+
+def test_sim_text_depends_on_prompt_and_seed() -> None:
+    base = sim_tokens("hello", 20, seed=1)
+    assert sim_tokens("goodbye", 20, seed=1) != base
+    assert sim_tokens("hello", 20, seed=2) != base
+
+
+def test_sim_stops_at_max_tokens_and_reads_like_text() -> None:
+    tokens = run("sim", fast("hello", max_tokens=30))
+    assert len(tokens) == 30
+    assert tokens[0][0].isupper() and all(token.startswith(" ") for token in tokens[1:])
+
+
+def test_sim_text_does_not_depend_on_jitter() -> None:
+    assert run("sim", fast("hello", jitter_ms=5)) == run("sim", fast("hello"))
+
+
+NASTY_PROMPTS = ["", " ", "line\nbreak", "cr\ronly", "crlf\r\n", "a: b", "  lead", "nul\0byte", "é 🌊 日本", "\n\n\n"]
+
+
+@pytest.mark.parametrize("prompt", NASTY_PROMPTS)
+def test_echo_returns_the_prompt_exactly(prompt: str) -> None:
+    assert "".join(run("echo", fast(prompt))) == prompt
+
+
+@given(st.text())
+def test_echo_tokens_join_back_to_any_prompt(prompt: str) -> None:
+    assert "".join(echo_tokens(prompt)) == prompt
+
+
+def test_echo_ignores_max_tokens() -> None:
+    prompt = "one two three four five"
+    assert "".join(run("echo", fast(prompt, max_tokens=2))) == prompt
+
+
+def test_schedule_without_jitter_is_exact() -> None:
+    assert schedule_ms(GenerationRequest("", ttft_ms=50, token_ms=10), 4) == [50, 60, 70, 80]
+
+
+def test_jitter_only_delays_and_depends_on_the_seed() -> None:
+    plain = schedule_ms(GenerationRequest("", ttft_ms=50, token_ms=10), 100)
+    jittered = schedule_ms(GenerationRequest("", ttft_ms=50, token_ms=10, jitter_ms=8, seed=1), 100)
+    assert all(0 <= late - due < 8 for due, late in zip(plain, jittered, strict=True))
+    assert jittered == schedule_ms(GenerationRequest("", ttft_ms=50, token_ms=10, jitter_ms=8, seed=1), 100)
+    assert jittered != schedule_ms(GenerationRequest("", ttft_ms=50, token_ms=10, jitter_ms=8, seed=2), 100)
+
+
+@pytest.mark.parametrize("source", [sim, echo])
+def test_a_slow_consumer_does_not_push_the_schedule_back(source: TokenSource) -> None:
+    """Tokens are due on an absolute schedule: time the consumer spends is not added per token."""
+    tokens, token_ms, consumer_ms = 20, 20, 10
+    request = GenerationRequest(" ".join(["word"] * tokens), max_tokens=tokens, ttft_ms=0, token_ms=token_ms)
+
+    async def consume() -> float:
+        start = time.perf_counter()
+        async for _ in source(request):
+            time.sleep(consumer_ms / 1000)  # blocks the loop, as a busy server would
+        return time.perf_counter() - start
+
+    elapsed = asyncio.run(consume())
+    on_schedule = ((tokens - 1) * token_ms + consumer_ms) / 1000
+    drifting = tokens * (token_ms + consumer_ms) / 1000
+    assert elapsed < (on_schedule + drifting) / 2

@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
+from tests.conftest import wait_for
+from tests.test_model import NASTY_PROMPTS
+
+
+def events(url: str, **params: object) -> list[tuple[str, str, dict]]:
+    with httpx.Client(trust_env=False) as client, connect_sse(client, "GET", url, params=params) as source:
+        return [(sse.event, sse.id, json.loads(sse.data)) for sse in source.iter_sse()]
+
+
+def test_stream_sends_a_token_event_per_token_then_done(server: BackgroundServer) -> None:
+    received = events(server.url + "/api/chat/stream", prompt="hi", max_tokens=5, ttft_ms=0, token_ms=0)
+    tokens, (done,) = received[:-1], received[-1:]
+    assert [(event, event_id, data["index"]) for event, event_id, data in tokens] == [
+        ("token", str(index), index) for index in range(5)
+    ]
+    assert done == ("done", "4", {"finish_reason": "length", "tokens": 5})
+
+
+def test_stream_headers_forbid_caching_and_proxy_buffering(server: BackgroundServer) -> None:
+    params = {"prompt": "hi", "max_tokens": 1, "ttft_ms": 0}
+    response = httpx.get(server.url + "/api/chat/stream", params=params, trust_env=False)
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["x-accel-buffering"] == "no"
+
+
+def test_tokens_reach_the_client_as_they_are_produced(server: BackgroundServer) -> None:
+    result = stream_chat(server.url, "hi", max_tokens=5, ttft_ms=0, token_ms=100)
+    # 400 ms between the first and the last token, spread evenly, not in one lump.
+    assert result.arrivals[-1] - result.arrivals[0] > 0.3
+    assert min(result.itl) > 0.05
+    assert result.ttft is not None and result.ttft < result.arrivals[-1] - result.arrivals[0]
+
+
+def test_buffered_endpoint_returns_the_same_text_at_once(server: BackgroundServer) -> None:
+    params = {"prompt": "same", "max_tokens": 12, "ttft_ms": 0, "token_ms": 0, "seed": 3}
+    body = httpx.get(server.url + "/api/chat", params=params, trust_env=False).json()
+    streamed = "".join(data["token"] for event, _, data in events(server.url + "/api/chat/stream", **params)[:-1])
+    assert body == {"text": streamed, "tokens": 12, "finish_reason": "length"}
+
+
+@pytest.mark.parametrize("prompt", NASTY_PROMPTS)
+def test_echo_survives_the_wire_exactly(server: BackgroundServer, prompt: str) -> None:
+    received = events(server.url + "/api/chat/stream", prompt=prompt, model="echo", ttft_ms=0, token_ms=0)
+    assert "".join(data["token"] for event, _, data in received if event == "token") == prompt
+    assert received[-1][2]["finish_reason"] == "stop"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=200))
+def test_echo_survives_any_prompt(prompt: str) -> None:
+    """Content only, so an in-memory transport is fine here."""
+
+    async def echoed() -> str:
+        transport = httpx.ASGITransport(app=create_app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://lab") as client:
+            params = {"prompt": prompt, "model": "echo", "ttft_ms": 0, "token_ms": 0}
+            response = await client.get("/api/chat", params=params)
+            return response.json()["text"]
+
+    assert asyncio.run(echoed()) == prompt
+
+
+BAD_REQUESTS = [
+    ({}, "prompt", "required"),
+    ({"prompt": "x" * 8001}, "prompt", "limit"),
+    ({"prompt": "hi", "model": "gpt-9"}, "model", "unknown model"),
+    ({"prompt": "hi", "max_tokens": "0"}, "max_tokens", "from 1 to"),
+    ({"prompt": "hi", "max_tokens": "4097"}, "max_tokens", "from 1 to"),
+    ({"prompt": "hi", "max_tokens": "2.5"}, "max_tokens", "integer"),
+    ({"prompt": "hi", "token_ms": "abc"}, "token_ms", "number"),
+    ({"prompt": "hi", "token_ms": "-1"}, "token_ms", "from 0"),
+    ({"prompt": "hi", "ttft_ms": "nan"}, "ttft_ms", "number"),
+    ({"prompt": "hi", "ttft_ms": "inf"}, "ttft_ms", "number"),
+    ({"prompt": "hi", "jitter_ms": "1e9"}, "jitter_ms", "to 10000"),
+    ({"prompt": "hi", "seed": "-3"}, "seed", "integer"),
+    ({"prompt": "hi", "tokens_ms": "5"}, "tokens_ms", "unknown parameter"),
+    ({"prompt": ["a", "b"]}, "prompt", "more than once"),
+]
+
+
+@pytest.mark.parametrize("path", ["/api/chat/stream", "/api/chat"])
+@pytest.mark.parametrize(("params", "parameter", "reason"), BAD_REQUESTS)
+def test_bad_parameters_get_422_naming_the_parameter(
+    server: BackgroundServer, path: str, params: dict, parameter: str, reason: str
+) -> None:
+    response = httpx.get(server.url + path, params=params, trust_env=False)
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"] == "invalid_parameter"
+    assert body["parameter"] == parameter
+    assert reason in body["reason"]
+
+
+def test_unknown_path_is_a_json_404(server: BackgroundServer) -> None:
+    response = httpx.get(server.url + "/api/nope", trust_env=False)
+    assert (response.status_code, response.json()) == (404, {"error": "Not Found"})
+
+
+def test_settings_set_limits_and_defaults() -> None:
+    app = create_app(Settings(max_prompt_chars=3, defaults=GenerationRequest("", max_tokens=2, ttft_ms=0, token_ms=0)))
+    with serve_in_background(app) as small:
+        assert httpx.get(small.url + "/api/chat", params={"prompt": "four"}, trust_env=False).status_code == 422
+        assert httpx.get(small.url + "/api/chat", params={"prompt": "hi"}, trust_env=False).json()["tokens"] == 2
+
+
+async def failing_model(request: GenerationRequest) -> AsyncIterator[str]:
+    yield "one"
+    yield " two"
+    raise RuntimeError("the GPU caught fire")
+
+
+@pytest.fixture
+def failing_server() -> Iterator[BackgroundServer]:
+    with serve_in_background(create_app(models={"failing": failing_model})) as running:
+        yield running
+
+
+def test_a_model_failing_mid_stream_ends_it_with_an_error_event(failing_server: BackgroundServer) -> None:
+    received = events(failing_server.url + "/api/chat/stream", prompt="hi", model="failing")
+    assert [event for event, _, _ in received] == ["token", "token", "error"]
+    assert received[-1][2] == {"code": "model_error", "message": "the model failed after 2 tokens"}
+
+
+def test_a_model_failing_before_a_buffered_reply_is_a_json_502(failing_server: BackgroundServer) -> None:
+    response = httpx.get(failing_server.url + "/api/chat", params={"prompt": "hi", "model": "failing"}, trust_env=False)
+    assert response.status_code == 502
+    assert response.json()["error"] == "model_error"
+
+
+class ProbeModel:
+    """A model that counts the tokens it is asked for and notes when it is shut."""
+
+    def __init__(self, ttft_ms: float = 0, token_ms: float = 20) -> None:
+        self.ttft_ms, self.token_ms = ttft_ms, token_ms
+        self.produced = 0
+        self.closed = threading.Event()
+
+    async def __call__(self, request: GenerationRequest) -> AsyncIterator[str]:
+        try:
+            await asyncio.sleep(self.ttft_ms / 1000)
+            while True:
+                self.produced += 1
+                yield f" t{self.produced}"
+                await asyncio.sleep(self.token_ms / 1000)
+        finally:
+            self.closed.set()
+
+
+def serve_probe(probe: ProbeModel) -> BackgroundServer:
+    return serve_in_background(create_app(models={"probe": probe}))
+
+
+def test_a_client_that_leaves_stops_generation() -> None:
+    probe = ProbeModel(token_ms=20)
+    with serve_probe(probe) as running, httpx.Client(trust_env=False) as client:
+        url = running.url + "/api/chat/stream"
+        with connect_sse(client, "GET", url, params={"prompt": "hi", "model": "probe"}) as source:
+            stream = source.iter_sse()
+            received = [next(stream) for _ in range(3)]
+        wait_for(probe.closed.is_set, what="the model to be shut")
+    assert len(received) == 3
+    assert probe.produced <= len(received) + 2  # at most what was in flight when the client left
+
+
+def test_a_client_that_leaves_during_prefill_stops_generation() -> None:
+    probe = ProbeModel(ttft_ms=30_000)
+    with serve_probe(probe) as running, httpx.Client(trust_env=False) as client:
+        url = running.url + "/api/chat/stream"
+        with client.stream("GET", url, params={"prompt": "hi", "model": "probe"}) as response:
+            assert response.status_code == 200  # headers are out before the first token
+        wait_for(probe.closed.is_set, what="the model to be shut")
+    assert probe.produced == 0
+
+
+def test_a_client_that_gives_up_on_a_buffered_reply_stops_generation() -> None:
+    probe = ProbeModel(token_ms=20)
+    with serve_probe(probe) as running, httpx.Client(trust_env=False, timeout=0.2) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.get(running.url + "/api/chat", params={"prompt": "hi", "model": "probe"})
+        wait_for(probe.closed.is_set, what="the model to be shut")
