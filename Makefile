@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 JUPYTER_PORT ?= 8888
+# Jupyter refuses to run as root (containers, CI) unless told that is intended.
+ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: lab test lint demo serve notebooks format clean
 
@@ -18,7 +20,7 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	touch $@
 
 lab: $(VENV)/.installed-lab
-	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(JUPYTER_PORT)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 --ServerApp.port=$(JUPYTER_PORT) $(ALLOW_ROOT)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -35,6 +37,7 @@ serve: $(VENV)/.installed-lab
 	$(BIN)/python -m sse_lab serve
 
 notebooks: $(VENV)/.installed-test
+	$(BIN)/ruff format notebooks/solutions
 	$(BIN)/python -m sse_lab.authoring
 
 format: $(VENV)/.installed-test

@@ -195,9 +195,11 @@ def serve_in_background(
 ) -> BackgroundServer:
     """Start `app` (default: `create_app()`) on its own thread and return once it accepts connections.
 
-    It binds loopback and a free port unless told otherwise. Asking again for a
-    port that an earlier in-kernel server still holds stops that server first,
-    so a re-run notebook cell replaces its server instead of failing.
+    It binds loopback and a free port unless told otherwise. Keep the handle: the
+    server stops when it is garbage collected, which is how re-running a notebook
+    cell `server = serve_in_background()` replaces the old server. Asking again
+    for a port that an earlier in-kernel server holds stops that server first.
+    Raises ServerStartError when the port is taken or the app fails its startup.
 
     >>> with serve_in_background() as server:
     ...     server.url.startswith("http://127.0.0.1:")

@@ -152,7 +152,10 @@ def fetch_chat(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     **params: Param,
 ) -> ChatResult:
-    """Ask the buffered endpoint: every token arrives at once, with the whole body."""
+    """Ask the buffered endpoint: every token arrives at once, with the whole body.
+
+    `on_token`, if given, is called once, with the whole text.
+    """
     with httpx.Client(**_client_options(timeout_s)) as client:
         recording = _Recording("buffered", on_token)  # starts the clock
         with client.stream("GET", base_url + BUFFERED_PATH, params=_query(prompt, params)) as response:

@@ -28,11 +28,11 @@ def _passed(exercise: str, detail: str) -> None:
     print(f"{exercise}: passed. {detail}")
 
 
-def check_tpot(tpot: Callable[[float, list[float]], float | None], measured: ChatResult) -> bool:
+def check_tpot(tpot: Callable[[float, list[float]], float | None], measured: ChatResult) -> None:
     """Exercise 01.1: `tpot(started_at, arrivals)` must match the benchmark definition."""
     exercise = "Exercise 1 (TPOT)"
     if not _attempted(exercise, lambda: tpot(0.0, [0.1, 0.2])):
-        return False
+        return
     cases = {
         "two tokens 50 ms apart": (1.0, [1.2, 1.25], 0.05),
         "uneven gaps": (0.0, [0.5, 0.6, 0.9, 1.0], (1.0 - 0.5) / 3),
@@ -50,14 +50,13 @@ def check_tpot(tpot: Callable[[float, list[float]], float | None], measured: Cha
                 "TPOT is (E2E - TTFT) / (tokens - 1): does the request start cancel out?"
             )
     _passed(exercise, f"Your measured run: {1000 * measured.tpot:.1f} ms per token after the first.")
-    return True
 
 
-def check_buffered_ttft(predict: Callable[[float, float, int], float], base_url: str) -> bool:
+def check_buffered_ttft(predict: Callable[[float, float, int], float], base_url: str) -> None:
     """Exercise 01.2: predict the buffered TTFT (s) from ttft_ms, token_ms and the token count."""
     exercise = "Exercise 2 (buffered TTFT)"
     if not _attempted(exercise, lambda: predict(100.0, 10.0, 5)):
-        return False
+        return
     for ttft_ms, token_ms, tokens in [(50.0, 10.0, 30), (250.0, 5.0, 10)]:
         predicted = predict(ttft_ms, token_ms, tokens)
         measured = fetch_chat(base_url, "predict me", max_tokens=tokens, ttft_ms=ttft_ms, token_ms=token_ms).ttft
@@ -70,4 +69,3 @@ def check_buffered_ttft(predict: Callable[[float, float, int], float], base_url:
             "When is the last token due? (And is your answer in seconds?)"
         )
     _passed(exercise, "A buffered client waits for the last token, whatever the first one cost.")
-    return True

@@ -44,29 +44,37 @@ class GenerationRequest:
 
 TokenSource = Callable[[GenerationRequest], AsyncIterator[str]]
 
-_WORDS = (
-    "the model streams each token as soon as it is sampled so the reader sees "
-    "words appear while the rest of the answer is still being computed a buffered "
-    "server would hold them all until the end and the user would stare at an empty "
-    "screen for the whole generation every proxy buffer and compressor on the way "
-    "can do the same to a stream that was flushed correctly at the source latency "
-    "throughput event data field client browser socket chunk byte line reply prompt"
-).split()
+_SENTENCES = (
+    "Streaming sends each token the moment the model samples it.",
+    "A buffered reply keeps the reader waiting for the whole generation.",
+    "The first token arrives after the prefill, not after the last token.",
+    "Server-Sent Events frame every token as a small text event.",
+    "Each event ends with a blank line, so the client knows where it stops.",
+    "An unflushed buffer can hold tokens back as surely as a buffered reply.",
+    "Proxies and compressors on the way may gather bytes into lumps.",
+    "The browser's EventSource reconnects by itself and sends the last event id.",
+    "Heartbeats keep idle connections alive through impatient proxies.",
+    "When the client leaves, the server should stop generating at once.",
+    "Time to first token is what the user feels; total time is what the GPU pays.",
+    "A token is often a piece of a word, with its leading space attached.",
+    "Measure at the client, because the server cannot see the network.",
+    "Backpressure slows the producer when the reader cannot keep up.",
+    "Errors after the headers are sent must travel as events, not status codes.",
+    "Every claim about latency deserves a measurement and a plot.",
+)
 
 
-def _sentences(rng: random.Random) -> Iterator[str]:
-    """Yield words of an endless run of sentences, each word with its leading space."""
+def _words(rng: random.Random) -> Iterator[str]:
+    """Yield the words of an endless reading of the sentences, in an order `rng` picks.
+
+    Each word after the first carries its leading space, as LLM tokens do.
+    """
     first = True
     while True:
-        length = rng.randint(6, 14)
-        for position in range(length):
-            word = rng.choice(_WORDS)
-            if position == 0:
-                word = word.capitalize()
-            if position == length - 1:
-                word += rng.choice(".....!?")
-            yield word if first else " " + word
-            first = False
+        for sentence in rng.sample(_SENTENCES, len(_SENTENCES)):
+            for word in sentence.split(" "):
+                yield word if first else " " + word
+                first = False
 
 
 def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
@@ -98,10 +106,9 @@ def sim_tokens(prompt: str, max_tokens: int, seed: int = 0) -> list[str]:
     """The text `sim` produces for a prompt, without the waiting.
 
     >>> "".join(sim_tokens("hi", 5))
-    'Buffered computed reader line browser'
+    'The first token arrives after'
     """
-    rng = random.Random(f"text:{seed}:{prompt}")
-    words = _sentences(rng)
+    words = _words(random.Random(f"text:{seed}:{prompt}"))
     return [next(words) for _ in range(max_tokens)]
 
 

@@ -135,8 +135,8 @@ async def token_events(source: TokenSource, request: GenerationRequest) -> Async
         async for token in source(request):
             yield encode_event(_json({"token": token, "index": count}), event="token", id=str(count))
             count += 1
-    except Exception:
-        logger.exception("model failed after %d tokens", count)
+    except Exception as failure:  # one line in the log, no traceback in a notebook
+        logger.warning("model failed after %d tokens: %r", count, failure)
         error = {"code": "model_error", "message": f"the model failed after {count} tokens"}
         yield encode_event(_json(error), event="error")
         return
@@ -204,8 +204,8 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
 
         try:
             tokens = await cancel_on_disconnect(request.receive, complete)
-        except Exception:
-            logger.exception("model failed")
+        except Exception as failure:
+            logger.warning("model failed: %r", failure)
             error = {"error": "model_error", "reason": "the model failed before finishing"}
             return JSONResponse(error, status_code=502)
         if tokens is None:  # nobody is left to answer

@@ -2,7 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import statistics
+import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -40,10 +44,28 @@ def test_stream_headers_forbid_caching_and_proxy_buffering(server: BackgroundSer
 
 def test_tokens_reach_the_client_as_they_are_produced(server: BackgroundServer) -> None:
     result = stream_chat(server.url, "hi", max_tokens=5, ttft_ms=0, token_ms=100)
-    # 400 ms between the first and the last token, spread evenly, not in one lump.
+    # 400 ms between the first and the last token, spread out, not in one lump.
     assert result.arrivals[-1] - result.arrivals[0] > 0.3
-    assert min(result.itl) > 0.05
+    assert statistics.median(result.itl) > 0.05
     assert result.ttft is not None and result.ttft < result.arrivals[-1] - result.arrivals[0]
+
+
+def test_each_event_leaves_the_server_in_its_own_write(server: BackgroundServer) -> None:
+    params = {"prompt": "hi", "max_tokens": 4, "ttft_ms": 0, "token_ms": 60}
+    with httpx.stream("GET", server.url + "/api/chat/stream", params=params, trust_env=False) as response:
+        chunks = [(time.perf_counter(), chunk) for chunk in response.iter_raw()]
+    token_chunks = [(at, chunk) for at, chunk in chunks if chunk.startswith(b"event: token")]
+    assert [chunk.count(b"event: ") for _, chunk in token_chunks] == [1, 1, 1, 1]
+    assert token_chunks[-1][0] - token_chunks[0][0] > 0.1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_prints_events_as_they_are_produced(server: BackgroundServer) -> None:
+    url = server.url + "/api/chat/stream?prompt=hi&max_tokens=4&ttft_ms=0&token_ms=100"
+    with subprocess.Popen(["curl", "-sN", url], stdout=subprocess.PIPE) as curl:
+        data_lines = [(time.perf_counter(), line) for line in curl.stdout if line.startswith(b"data: ")]
+    assert curl.returncode == 0 and len(data_lines) == 5  # four tokens and done
+    assert data_lines[3][0] - data_lines[0][0] > 0.2  # 300 ms apart when produced
 
 
 def test_buffered_endpoint_returns_the_same_text_at_once(server: BackgroundServer) -> None:
