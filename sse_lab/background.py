@@ -43,6 +43,10 @@ class _Closing:
         self.app = app
         self.closed = asyncio.Event()
 
+    def close(self) -> None:
+        """End open responses; call it on the server's event loop."""
+        self.closed.set()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -113,13 +117,13 @@ class _ServerThread:
                 raise ServerStartError(f"the server did not start: {self.error or 'see the log above'}") from self.error
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"the server did not start within {timeout_s} s")
+                raise ServerStartError(f"the server did not start within {timeout_s} s")
             time.sleep(0.005)
 
     def stop(self) -> None:
         if self.loop is not None and not self.loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing to end
-                self.loop.call_soon_threadsafe(self.closing_app.closed.set)
+                self.loop.call_soon_threadsafe(self.closing_app.close)
         self.server.should_exit = True
         self.thread.join(STOP_TIMEOUT_S * 0.8)
         if self.thread.is_alive():
