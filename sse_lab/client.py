@@ -57,7 +57,7 @@ class _Recording:
 
     def event(self, sse: ServerSentEvent) -> None:
         now = time.perf_counter()
-        data = json.loads(sse.data) if sse.data else None
+        data: Any = json.loads(sse.data) if sse.data else None
         if sse.event == "token":
             self.result.arrivals.append(now)
             self.parts.append(data["token"])

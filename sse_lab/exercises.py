@@ -31,6 +31,8 @@ def _passed(exercise: str, detail: str) -> None:
 def check_tpot(tpot: Callable[[float, list[float]], float | None], measured: ChatResult) -> None:
     """Exercise 01.1: `tpot(started_at, arrivals)` must match the benchmark definition."""
     exercise = "Exercise 1 (TPOT)"
+    if measured.tpot is None:
+        raise ValueError("check_tpot needs a measured run with two tokens or more")
     if not _attempted(exercise, lambda: tpot(0.0, [0.1, 0.2])):
         return
     cases = {

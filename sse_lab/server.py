@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
@@ -124,7 +124,7 @@ def _json(payload: object) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-async def token_events(source: TokenSource, request: GenerationRequest) -> AsyncIterator[bytes]:
+async def token_events(source: TokenSource, request: GenerationRequest) -> AsyncGenerator[bytes, None]:
     """The event stream for one request: a `token` event per token, then `done`.
 
     Each token event's id is its index, so a client always knows the last token it

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -29,7 +30,9 @@ def test_serve_runs_until_interrupted_then_stops_cleanly() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
         try:
-            banner = process.stdout.readline()  # blocks until the server is up, or the process died
+            ready, _, _ = select.select([process.stdout], [], [], 30)
+            assert ready, "the server printed nothing within 30 s"
+            banner = process.stdout.readline()  # printed once the server accepts connections
             url = re.search(r"http://127\.0\.0\.1:\d+", banner)
             assert url, f"no URL in {banner!r}; stderr: {process.stderr.read() if process.poll() else ''}"
             assert stream_chat(url.group(), "hi", max_tokens=3, ttft_ms=0, token_ms=0).tokens == 3

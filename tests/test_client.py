@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from sse_lab import BackgroundServer, ChatRequestError, afetch_chat, astream_chat, fetch_chat, stream_chat
+from sse_lab import BackgroundServer, ChatRequestError, ChatResult, afetch_chat, astream_chat, fetch_chat, stream_chat
 
 FAST = {"ttft_ms": 0, "token_ms": 0, "max_tokens": 8}
 
@@ -44,9 +45,11 @@ def test_async_twins_give_the_same_results(server: BackgroundServer) -> None:
 
 
 @pytest.mark.parametrize("call", [stream_chat, fetch_chat])
-def test_a_refused_request_raises_with_the_servers_reason(server: BackgroundServer, call: object) -> None:
+def test_a_refused_request_raises_with_the_servers_reason(
+    server: BackgroundServer, call: Callable[..., ChatResult]
+) -> None:
     with pytest.raises(ChatRequestError, match="token_ms") as caught:
-        call(server.url, "hi", token_ms=-1)  # type: ignore[operator]
+        call(server.url, "hi", token_ms=-1)
     assert caught.value.status == 422 and caught.value.body["parameter"] == "token_ms"
 
 

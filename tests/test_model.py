@@ -17,8 +17,8 @@ def run(model: str, request: GenerationRequest) -> list[str]:
     return asyncio.run(collect())
 
 
-def fast(prompt: str, **fields: object) -> GenerationRequest:
-    return GenerationRequest(prompt, ttft_ms=0, token_ms=0, **fields)  # type: ignore[arg-type]
+def fast(prompt: str, max_tokens: int = 64, jitter_ms: float = 0, seed: int = 0) -> GenerationRequest:
+    return GenerationRequest(prompt, max_tokens=max_tokens, ttft_ms=0, token_ms=0, jitter_ms=jitter_ms, seed=seed)
 
 
 def test_sim_is_deterministic_for_a_prompt_and_seed() -> None:

@@ -62,7 +62,7 @@ def test_each_event_leaves_the_server_in_its_own_write(server: BackgroundServer)
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_prints_events_as_they_are_produced(server: BackgroundServer) -> None:
     url = server.url + "/api/chat/stream?prompt=hi&max_tokens=4&ttft_ms=0&token_ms=100"
-    with subprocess.Popen(["curl", "-sN", url], stdout=subprocess.PIPE) as curl:
+    with subprocess.Popen(["curl", "-sN", "--max-time", "10", url], stdout=subprocess.PIPE) as curl:
         data_lines = [(time.perf_counter(), line) for line in curl.stdout if line.startswith(b"data: ")]
     assert curl.returncode == 0 and len(data_lines) == 5  # four tokens and done
     assert data_lines[3][0] - data_lines[0][0] > 0.2  # 300 ms apart when produced
