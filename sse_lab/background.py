@@ -153,7 +153,7 @@ class BackgroundServer:
         return self._thread.is_alive()
 
     def stop(self) -> None:
-        """End open responses, stop the server and its thread; idempotent, about 0.3 s."""
+        """End open responses, stop the server and its thread; idempotent, about 0.2 s."""
         self._stop()
 
     def __enter__(self) -> BackgroundServer:

@@ -32,9 +32,8 @@ def serve(host: str, port: int) -> None:
 
 def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) -> None:
     """Buffered vs streamed from the terminal: a table on stdout and the figure as a PNG."""
-    import matplotlib
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")  # no display needed
     from .plots import why_streaming
 
     print(f"{runs} runs each: {tokens} tokens, ttft_ms={ttft_ms:g}, token_ms={token_ms:g}")
@@ -44,7 +43,9 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
         )
     print(summary_table(runs_by_variant))
     output.parent.mkdir(parents=True, exist_ok=True)
-    why_streaming(runs_by_variant).savefig(output, dpi=100)
+    figure = why_streaming(runs_by_variant)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
     print(f"figure written to {output}")
 
 

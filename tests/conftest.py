@@ -10,6 +10,9 @@ from sse_lab import BackgroundServer, serve_in_background
 
 matplotlib.use("Agg")
 
+# Prompts that break naive framing or encoding: every one must survive the trip.
+NASTY_PROMPTS = ["", " ", "line\nbreak", "cr\ronly", "crlf\r\n", "a: b", "  lead", "nul\0byte", "é 🌊 日本", "\n\n\n"]
+
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[BackgroundServer]:

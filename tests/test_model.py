@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_lab.model import MODELS, GenerationRequest, TokenSource, echo, echo_tokens, schedule_ms, sim, sim_tokens
+from tests.conftest import NASTY_PROMPTS
 
 
 def run(model: str, request: GenerationRequest) -> list[str]:
@@ -39,9 +40,6 @@ def test_sim_stops_at_max_tokens_and_reads_like_text() -> None:
 
 def test_sim_text_does_not_depend_on_jitter() -> None:
     assert run("sim", fast("hello", jitter_ms=5)) == run("sim", fast("hello"))
-
-
-NASTY_PROMPTS = ["", " ", "line\nbreak", "cr\ronly", "crlf\r\n", "a: b", "  lead", "nul\0byte", "é 🌊 日本", "\n\n\n"]
 
 
 @pytest.mark.parametrize("prompt", NASTY_PROMPTS)

@@ -16,8 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
-from tests.conftest import wait_for
-from tests.test_model import NASTY_PROMPTS
+from tests.conftest import NASTY_PROMPTS, wait_for
 
 
 def events(url: str, **params: object) -> list[tuple[str, str, dict]]:
