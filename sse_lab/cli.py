@@ -34,7 +34,7 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
     """Buffered vs streamed from the terminal: a table on stdout and the figure as a PNG."""
     import matplotlib.pyplot as plt
 
-    from .plots import why_streaming
+    from .plots import ttft_and_arrivals
 
     print(f"{runs} runs each: {tokens} tokens, ttft_ms={ttft_ms:g}, token_ms={token_ms:g}")
     with serve_in_background() as server:
@@ -43,7 +43,7 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
         )
     print(summary_table(runs_by_variant))
     output.parent.mkdir(parents=True, exist_ok=True)
-    figure = why_streaming(runs_by_variant)
+    figure = ttft_and_arrivals(runs_by_variant)
     figure.savefig(output, dpi=100)
     plt.close(figure)
     print(f"figure written to {output}")

@@ -1,9 +1,11 @@
 """The measuring client: request a chat, note when every token arrives.
 
-`stream_chat` reads the event stream with httpx-sse and stamps each `token` event
-the moment it has been parsed; `fetch_chat` asks the buffered endpoint and stamps
-every token with the moment the body arrived. Both have async twins. See
-`sse_lab.metrics` for what the resulting numbers mean.
+`stream_chat` reads the event stream with `sse_lab.sse.Decoder` and stamps each
+event twice: when its first byte came and when it was complete (a token
+"arrives" then). It notes every read from the socket too, and resumes a dropped
+stream with Last-Event-ID, as a browser's EventSource would. `fetch_chat` asks
+the buffered endpoint and stamps every token with the moment the body arrived.
+Both have async twins. See `sse_lab.metrics` for what the numbers mean.
 
     >>> from sse_lab import serve_in_background
     >>> with serve_in_background() as server:
@@ -17,19 +19,27 @@ to the server it was given, nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
-from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-from .metrics import ChatResult
+from .metrics import ChatResult, Chunk, Drop, Received
+from .sse import MEDIA_TYPE, Decoder
 
 STREAM_PATH = "/api/chat/stream"
 BUFFERED_PATH = "/api/chat"
 DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_RETRY_MS = 3_000  # until the server says otherwise; browsers wait about as long
+DEFAULT_MAX_RECONNECTS = 3
+
+# A server that is restarting or overloaded may answer these. EventSource gives up
+# on any status but 200; a client that can resume may as well try again.
+_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 
 Param = str | int | float
 OnToken = Callable[[str], object]
@@ -44,42 +54,142 @@ class ChatRequestError(Exception):
         self.body = body
 
 
-class _Recording:
-    """Turns a response, as it is read, into a ChatResult."""
+class _Dropped(Exception):
+    """A reconnection answered with a status worth another try."""
 
-    def __init__(self, mode: str, on_token: OnToken | None) -> None:
-        self.result = ChatResult(mode=mode, started_at=time.perf_counter())
+
+class _Stream:
+    """One stream across its connections: what to send, what came back, when to give up.
+
+    The I/O loops of `stream_chat` and `astream_chat` drive it; all they share
+    lives here, with no I/O of its own.
+    """
+
+    def __init__(self, on_token: OnToken | None, max_reconnects: int) -> None:
+        self.result = ChatResult(mode="streamed", started_at=time.perf_counter())
         self.on_token = on_token
-        self.parts: list[str] = []
+        self.max_reconnects = max_reconnects
+        self.decoder = Decoder()
+        self.pending_since: float | None = None  # first byte of an event not complete yet
+        self.last_event_id = ""
+        self.retry_ms = DEFAULT_RETRY_MS
+        self.reconnects = 0  # reconnection attempts since the last drop
+        self.last_failure = ""  # why the last connection ended early
+        self.over = False  # `done` or `error` came, or the client gave up
 
-    def headers_arrived(self) -> None:
-        self.result.headers_at = time.perf_counter()
+    def next_attempt(self) -> tuple[float, dict[str, str]] | None:
+        """Seconds to wait and the headers for the next connection; None: stop."""
+        if self.over:
+            return None
+        headers = {"Accept": MEDIA_TYPE, "Cache-Control": "no-cache"}
+        if not self.result.drops:
+            return 0.0, headers
+        if self.reconnects >= self.max_reconnects:
+            attempts = f"{self.reconnects} failed reconnection attempt{'' if self.reconnects == 1 else 's'}"
+            self._give_up(f"gave up after {attempts}; the last: {self.last_failure}")
+            return None
+        self.reconnects += 1
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        return self.retry_ms / 1000, headers
 
-    def event(self, sse: ServerSentEvent) -> None:
+    def connected(self, response: httpx.Response) -> bool:
+        """The headers are in: True to read the body as the stream.
+
+        A refusal of the first request raises ChatRequestError. A refusal of a
+        reconnection ends the stream, or counts as a failed attempt when its
+        status says the server may soon be back.
+        """
+        if not self.result.headers_at:
+            self.result.headers_at = time.perf_counter()
+        if not response.is_error:
+            self.decoder = Decoder()
+            self.pending_since = None
+            return True
+        if not self.result.drops:
+            raise _refusal(response)
+        if response.status_code in _RETRYABLE_STATUS:
+            raise _Dropped(f"HTTP {response.status_code} on reconnecting")
+        self._give_up(f"the server refused to resume: {_refusal(response)}")
+        return False
+
+    def feed(self, chunk: bytes) -> None:
+        """One read from the socket: note it, and every event it completes."""
         now = time.perf_counter()
-        data: Any = json.loads(sse.data) if sse.data else None
-        if sse.event == "token":
-            self.result.arrivals.append(now)
-            self.parts.append(data["token"])
+        self.result.chunks.append(Chunk(now, len(chunk)))
+        for event in self.decoder.feed(chunk):
+            first_byte_at = now if self.pending_since is None else self.pending_since
+            self.pending_since = None
+            self._received(Received(event, first_byte_at, now))
+        if not self.decoder.in_event:
+            self.pending_since = None
+        elif self.pending_since is None:
+            self.pending_since = now
+        if self.decoder.retry is not None:
+            self.retry_ms = self.decoder.retry
+        if self.decoder.last_event_id:
+            self.last_event_id = self.decoder.last_event_id
+
+    def _received(self, received: Received) -> None:
+        self.result.events.append(received)
+        if self.result.drops and self.result.drops[-1].resumed_at is None:
+            self._update_drop(resumed_at=received.complete_at)
+            self.reconnects = 0
+        event = received.event
+        data: Any = json.loads(event.data) if event.data else None
+        if event.event == "token":
+            self.result.arrivals.append(received.complete_at)
+            self.result.text += data["token"]
             if self.on_token is not None:
                 self.on_token(data["token"])
-        elif sse.event == "done":
+        elif event.event == "done":
             self.result.finish_reason = data["finish_reason"]
-        elif sse.event == "error":
+            self.over = True
+        elif event.event == "error":
             self.result.error = data
+            self.over = True
 
-    def body(self, payload: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        self.result.arrivals = [now] * payload["tokens"]
-        self.parts = [payload["text"]]
-        self.result.finish_reason = payload["finish_reason"]
-        if self.on_token is not None:
-            self.on_token(payload["text"])
+    def ended(self, wire_bytes: int, failure: Exception | None = None) -> None:
+        """A connection is over, cleanly or with `failure`. Before `done` or `error`, that is a drop."""
+        self.result.wire_bytes += wire_bytes
+        if self.over:
+            return
+        reason = "the connection closed before the stream ended" if failure is None else _describe(failure)
+        self.last_failure = reason
+        if self.result.drops and self.result.drops[-1].resumed_at is None:  # a reconnection that failed
+            self._update_drop()
+        else:
+            self.result.drops.append(Drop(time.perf_counter(), self.last_event_id, reason))
+
+    def _update_drop(self, **changes: Any) -> None:
+        self.result.drops[-1] = replace(self.result.drops[-1], attempts=self.reconnects, **changes)
+
+    def _give_up(self, message: str) -> None:
+        self.result.error = {"code": "connection_lost", "message": message}
+        self.over = True
 
     def finish(self) -> ChatResult:
         self.result.finished_at = time.perf_counter()
-        self.result.text = "".join(self.parts)
         return self.result
+
+
+def _record_body(result: ChatResult, response: httpx.Response, on_token: OnToken | None) -> ChatResult:
+    """Every token of a buffered reply arrives with the body, at once."""
+    now = time.perf_counter()
+    payload = response.json()
+    result.wire_bytes = response.num_bytes_downloaded
+    result.chunks.append(Chunk(now, len(response.content)))
+    result.arrivals = [now] * payload["tokens"]
+    result.text = payload["text"]
+    result.finish_reason = payload["finish_reason"]
+    if on_token is not None:
+        on_token(payload["text"])
+    result.finished_at = time.perf_counter()
+    return result
+
+
+def _describe(failure: Exception) -> str:
+    return f"{type(failure).__name__}: {failure}" if str(failure) else type(failure).__name__
 
 
 def _refusal(response: httpx.Response) -> ChatRequestError:
@@ -104,23 +214,39 @@ def stream_chat(
     *,
     on_token: OnToken | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_reconnects: int = DEFAULT_MAX_RECONNECTS,
+    chunk_size: int | None = None,
     **params: Param,
 ) -> ChatResult:
     """Stream a chat from `base_url` and record when each token arrived.
 
     `params` are the endpoint's query parameters (model, max_tokens, ttft_ms,
-    token_ms, jitter_ms, seed); `on_token` is called with each token as it arrives.
+    token_ms, ...); `on_token` is called with each token as it arrives. A
+    connection lost before `done` is resumed as EventSource would: after the
+    server's `retry` delay, with `Last-Event-ID`, up to `max_reconnects` tries in
+    a row; then the result's `error` says so. `chunk_size` makes every read wait
+    for that many bytes (client-side buffering, for experiments).
     """
+    url, query = base_url + STREAM_PATH, _query(prompt, params)
     with httpx.Client(**_client_options(timeout_s)) as client:
-        recording = _Recording("streamed", on_token)  # starts the clock
-        with connect_sse(client, "GET", base_url + STREAM_PATH, params=_query(prompt, params)) as source:
-            recording.headers_arrived()
-            if source.response.is_error:
-                source.response.read()
-                raise _refusal(source.response)
-            for sse in source.iter_sse():
-                recording.event(sse)
-        return recording.finish()
+        stream = _Stream(on_token, max_reconnects)  # starts the clock
+        while (attempt := stream.next_attempt()) is not None:
+            wait_s, headers = attempt
+            time.sleep(wait_s)  # the reconnection delay, 0 the first time
+            wire_bytes = 0
+            try:
+                with client.stream("GET", url, params=query, headers=headers) as response:
+                    if response.is_error:
+                        response.read()
+                    if stream.connected(response):
+                        for chunk in response.iter_bytes(chunk_size):
+                            stream.feed(chunk)
+                    wire_bytes = response.num_bytes_downloaded
+            except (httpx.TransportError, _Dropped) as failure:
+                stream.ended(wire_bytes, failure)
+            else:
+                stream.ended(wire_bytes)
+        return stream.finish()
 
 
 async def astream_chat(
@@ -129,19 +255,31 @@ async def astream_chat(
     *,
     on_token: OnToken | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_reconnects: int = DEFAULT_MAX_RECONNECTS,
+    chunk_size: int | None = None,
     **params: Param,
 ) -> ChatResult:
     """`stream_chat` for asyncio code: many can run at once on one event loop."""
+    url, query = base_url + STREAM_PATH, _query(prompt, params)
     async with httpx.AsyncClient(**_client_options(timeout_s)) as client:
-        recording = _Recording("streamed", on_token)  # starts the clock
-        async with aconnect_sse(client, "GET", base_url + STREAM_PATH, params=_query(prompt, params)) as source:
-            recording.headers_arrived()
-            if source.response.is_error:
-                await source.response.aread()
-                raise _refusal(source.response)
-            async for sse in source.aiter_sse():
-                recording.event(sse)
-        return recording.finish()
+        stream = _Stream(on_token, max_reconnects)  # starts the clock
+        while (attempt := stream.next_attempt()) is not None:
+            wait_s, headers = attempt
+            await asyncio.sleep(wait_s)  # the reconnection delay, 0 the first time
+            wire_bytes = 0
+            try:
+                async with client.stream("GET", url, params=query, headers=headers) as response:
+                    if response.is_error:
+                        await response.aread()
+                    if stream.connected(response):
+                        async for chunk in response.aiter_bytes(chunk_size):
+                            stream.feed(chunk)
+                    wire_bytes = response.num_bytes_downloaded
+            except (httpx.TransportError, _Dropped) as failure:
+                stream.ended(wire_bytes, failure)
+            else:
+                stream.ended(wire_bytes)
+        return stream.finish()
 
 
 def fetch_chat(
@@ -157,14 +295,13 @@ def fetch_chat(
     `on_token`, if given, is called once, with the whole text.
     """
     with httpx.Client(**_client_options(timeout_s)) as client:
-        recording = _Recording("buffered", on_token)  # starts the clock
+        result = ChatResult(mode="buffered", started_at=time.perf_counter())
         with client.stream("GET", base_url + BUFFERED_PATH, params=_query(prompt, params)) as response:
-            recording.headers_arrived()
+            result.headers_at = time.perf_counter()
             response.read()
             if response.is_error:
                 raise _refusal(response)
-            recording.body(response.json())
-        return recording.finish()
+            return _record_body(result, response, on_token)
 
 
 async def afetch_chat(
@@ -177,11 +314,10 @@ async def afetch_chat(
 ) -> ChatResult:
     """`fetch_chat` for asyncio code."""
     async with httpx.AsyncClient(**_client_options(timeout_s)) as client:
-        recording = _Recording("buffered", on_token)  # starts the clock
+        result = ChatResult(mode="buffered", started_at=time.perf_counter())
         async with client.stream("GET", base_url + BUFFERED_PATH, params=_query(prompt, params)) as response:
-            recording.headers_arrived()
+            result.headers_at = time.perf_counter()
             await response.aread()
             if response.is_error:
                 raise _refusal(response)
-            recording.body(response.json())
-        return recording.finish()
+            return _record_body(result, response, on_token)

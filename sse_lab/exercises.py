@@ -10,18 +10,30 @@ notebook runs from top to bottom.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import product
 
-from .client import fetch_chat
+from .background import serve_in_background
+from .buffering import WriteBuffer
+from .client import Param, fetch_chat, stream_chat
+from .faults import DropConnections, IdleTimeout
 from .metrics import ChatResult
+from .nginx import ProxyConfig, nginx_or_skip, start_nginx
+from .server import create_app
+from .sse import decode
+from .wire import load_vectors
 
 
 def _attempted(exercise: str, attempt: Callable[[], object]) -> bool:
     try:
         attempt()
     except NotImplementedError:
-        print(f"{exercise}: not attempted yet. Replace `raise NotImplementedError` with your code.")
+        _remind(exercise)
         return False
     return True
+
+
+def _remind(exercise: str) -> None:
+    print(f"{exercise}: not attempted yet. Replace `raise NotImplementedError` with your code.")
 
 
 def _passed(exercise: str, detail: str) -> None:
@@ -71,3 +83,161 @@ def check_buffered_ttft(predict: Callable[[float, float, int], float], base_url:
             "When is the last token due? (And is your answer in seconds?)"
         )
     _passed(exercise, "A buffered client waits for the last token, whatever the first one cost.")
+
+
+def check_resume(resume: Callable[..., str]) -> None:
+    """Exercise 04.1: `resume(base_url, prompt, partial, **params)` must return the whole text.
+
+    `partial` is what a client got before its connection dropped (it did not
+    reconnect by itself); the answer must reconnect where it left off.
+    """
+    exercise = "Exercise 1 (resume by hand)"
+    params: dict[str, Param] = {"max_tokens": 24, "ttft_ms": 0, "token_ms": 0}
+    for drop_after in (3, 11):
+        app = DropConnections(create_app(), after_events=drop_after)
+        with serve_in_background(app) as server:
+            partial = stream_chat(server.url, "resume me", max_reconnects=0, **params)
+            whole = stream_chat(server.url, "resume me", **params).text
+            try:
+                text = resume(server.url, "resume me", partial, **params)
+            except NotImplementedError:
+                _remind(exercise)
+                return
+        assert text == whole, (
+            f"cut after {drop_after} tokens: the text differs from the uninterrupted one "
+            f"({len(text)} vs {len(whole)} characters). Which id did the client see last, "
+            "and does the server resume after it or at it?"
+        )
+    _passed(exercise, "No token lost, none repeated.")
+
+
+def check_heartbeat_interval(heartbeat_interval: Callable[[float], float]) -> None:
+    """Exercise 04.2: pick `heartbeat_s` for a proxy that cuts connections idle for `idle_timeout_s`.
+
+    The stream must survive a prefill three times longer than the timeout, and
+    the heartbeats must not be wasteful: at most 10 per timeout.
+    """
+    exercise = "Exercise 2 (heartbeat interval)"
+    if not _attempted(exercise, lambda: heartbeat_interval(1.0)):
+        return
+    for idle_s in (0.3, 0.6):
+        interval = heartbeat_interval(idle_s)
+        assert idle_s / 10 <= interval, f"{interval} s for a {idle_s} s timeout: more heartbeats than needed"
+        with serve_in_background(IdleTimeout(create_app(), idle_s=idle_s)) as server:
+            result = stream_chat(
+                server.url, "keep me", max_reconnects=0, max_tokens=3, ttft_ms=3000 * idle_s, heartbeat_s=interval
+            )
+        assert not result.drops and result.tokens == 3, (
+            f"heartbeat every {interval} s behind a {idle_s} s idle timeout: the proxy cut the stream. "
+            "What if a heartbeat is a little late?"
+        )
+    _passed(exercise, "The proxy never saw a silent connection.")
+
+
+# Notebook 02's exercises import what they need here, so the module's imports stay as they were.
+
+_FRAME_CASES = {
+    "plain text": "hello",
+    "the empty string": "",
+    "two lines": "two\nlines",
+    "a blank line inside": "An SSE event looks like this:\n\nevent: done\ndata: {}\n\nThat is all.",
+    "leading spaces": "  indented",
+    "a trailing line break": "end\n",
+    "only line breaks": "\n\n\n",
+    "a colon first": ": not a comment",
+    "a field name alone": "data",
+    "non-ASCII": "é 🌊 日本",
+    "NUL": "a\0b",
+}
+
+
+def check_frame(frame: Callable[[str], bytes]) -> None:
+    """Exercise 02.1: `frame(text)` must give bytes that `sse_lab.sse.decode` turns back into one event: `text`."""
+    exercise = "Exercise 1 (framing)"
+    if not _attempted(exercise, lambda: frame("hi")):
+        return
+    cases = dict(_FRAME_CASES)
+    cases.update((f"the text {''.join(chars)!r}", "".join(chars)) for chars in product(" a:\n", repeat=4))
+    for name, text in cases.items():
+        raw = frame(text)
+        assert isinstance(raw, bytes), f"{name}: frame() must return bytes ready for the socket, got {type(raw)}"
+        events = decode(raw)
+        assert events, (
+            f"{name}: {raw!r} holds no event. Does it end with a blank line, and does it have a `data:` "
+            "field even when the text is empty?"
+        )
+        assert len(events) == 1, (
+            f"{name}: {raw!r} decodes to {len(events)} events: the text broke out of its frame. "
+            "A blank line ends an event: give each line of the text its own `data:` field."
+        )
+        assert events[0].data == text, (
+            f"{name}: {text!r} was framed as {raw!r} and came back as {events[0].data!r}. "
+            "A parser removes exactly one space after the colon and joins `data` lines with LF."
+        )
+    first, second = "one\n\ntwo", "three"
+    together = [event.data for event in decode(frame(first) + frame(second))]
+    assert together == [first, second], f"two frames sent back to back decode to {together!r}: does each one end?"
+    _passed(exercise, f"{len(cases)} texts, blank lines and all, came back exactly.")
+
+
+def check_line_parser(parse: Callable[[str], list[tuple[str, str]]], stream: bytes) -> None:
+    """Exercise 02.2: `parse(body)` must find the (type, data) of every event, as the standard does.
+
+    It is checked on `stream` (a body the server sent) and on every conformance
+    vector that stays inside the subset the exercise states: LF line ends, no
+    byte order mark.
+    """
+    exercise = "Exercise 2 (a line parser)"
+    if not _attempted(exercise, lambda: parse("data: x\n\n")):
+        return
+    expected = [(event.event, event.data) for event in decode(stream)]
+    got = [tuple(event) for event in parse(stream.decode())]
+    assert got == expected, f"the server's stream holds {expected}, your parser found {got}"
+    vectors = [vector for vector in load_vectors() if "raw" in vector and not {"\r", "\ufeff"} & set(vector["raw"])]
+    for vector in vectors:
+        expected = [(event["event"], event["data"]) for event in vector["events"]]
+        got = [tuple(event) for event in parse(vector["raw"])]
+        assert got == expected, (
+            f"vector {vector['name']!r}: the stream {vector['raw']!r} holds {expected}, your parser found {got}. "
+            f"The rule: {vector['source']}"
+        )
+    _passed(exercise, f"The server's stream and {len(vectors)} conformance vectors parse as the standard says.")
+
+
+def check_lumps(lumps: Callable[[list[float]], list[int]]) -> None:
+    """Exercise 03.1: `lumps(arrivals)` must count the tokens that arrived together, lump by lump."""
+    exercise = "Exercise 1 (find the lumps)"
+    if not _attempted(exercise, lambda: lumps([0.1, 0.2])):
+        return
+    cases = {
+        "one by one": [0.1, 0.2, 0.3],
+        "all at once": [0.5] * 4,
+        "in bursts": [0.1, 0.1, 0.3, 0.3, 0.3, 0.4],
+        "nothing": [],
+    }
+    with serve_in_background(WriteBuffer(create_app(), 1024)) as server:
+        cases["measured behind a 1 KiB write buffer"] = stream_chat(
+            server.url, "lumps", max_tokens=60, ttft_ms=0, token_ms=2
+        ).arrivals
+    for name, arrivals in cases.items():
+        expected = ChatResult(mode="streamed", started_at=0.0, arrivals=arrivals).lumps
+        got = lumps(list(arrivals))
+        assert got == expected, f"{name}: expected {expected}, got {got}. Tokens of one read share one arrival time."
+    _passed(exercise, "A lump is one read that carried several tokens: the signature of a buffer upstream.")
+
+
+def check_proxy_config(sse_proxy_config: Callable[[], ProxyConfig]) -> None:
+    """Exercise 03.2: `sse_proxy_config()` returns a config with gzip on and X-Accel-Buffering ignored that streams."""
+    exercise = "Exercise 2 (an nginx that streams anyway)"
+    if not _attempted(exercise, sse_proxy_config) or nginx_or_skip() is None:
+        return
+    config = sse_proxy_config()
+    assert config.gzip and config.ignore_accel_buffering, (
+        "the operations team insists: gzip on, and upstream X-Accel-Buffering headers ignored"
+    )
+    with serve_in_background() as server, start_nginx(server.url, config) as proxy:
+        result = stream_chat(proxy.url, "stream anyway", max_tokens=20, ttft_ms=50, token_ms=20)
+    assert result.tokens == 20 and max(result.lumps) < result.tokens / 2, (
+        f"through {config.label}, the tokens arrived in lumps of {result.lumps}: something still holds them"
+    )
+    _passed(exercise, f"{config.label}: tokens arrived one by one, compressed.")

@@ -1,7 +1,8 @@
 """Token sources: what the server streams, behind one async-iterator interface.
 
 A token source is any callable that takes a `GenerationRequest` and returns an
-async iterator of text tokens. The server never looks further than that, so a
+async iterator of text tokens: at most `request.max_tokens` of them, starting at
+index `request.resume_from`. The server never looks further than that, so a
 real model plugs in beside the simulated ones without touching the endpoints:
 
     async def my_model(request: GenerationRequest) -> AsyncIterator[str]:
@@ -10,8 +11,8 @@ real model plugs in beside the simulated ones without touching the endpoints:
 
     app = create_app(models={"mine": my_model})
 
-Both built-in sources keep an absolute schedule: token i is due at
-start + ttft + i x token_ms (plus its jitter). Sleeping a fixed interval after
+Both built-in sources keep an absolute schedule: the i-th token they produce is
+due at start + ttft + i x token_ms (plus its jitter). Sleeping a fixed interval after
 each token instead would drift by the event loop's overshoot on every token, and
 the notebooks would blame that drift on the transport.
 """
@@ -21,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import count as indices
+from itertools import islice
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class GenerationRequest:
     ttft_ms is the time to the first token (the model's prefill), token_ms the time
     between tokens after that, jitter_ms the width of a uniform random delay added to
     each token's due time (0 turns it off), seed fixes both the text and the jitter.
+
+    resume_from is the index of the first token wanted: a client that reconnects
+    after receiving tokens 0..n-1 asks for n. A source continues from there as a
+    real model would, given the text so far as context: it pays the prefill
+    (ttft_ms) again, then produces token n, n+1, ... up to max_tokens in all.
     """
 
     prompt: str
@@ -40,6 +48,7 @@ class GenerationRequest:
     token_ms: float = 30.0
     jitter_ms: float = 0.0
     seed: int = 0
+    resume_from: int = 0
 
 
 TokenSource = Callable[[GenerationRequest], AsyncIterator[str]]
@@ -77,6 +86,14 @@ def _words(rng: random.Random) -> Iterator[str]:
                 first = False
 
 
+def _due_ms(request: GenerationRequest) -> Iterator[float]:
+    """Each token's due time in ms after generation starts, without end."""
+    jitter = random.Random(f"jitter:{request.seed}")
+    for index in indices():
+        due = request.ttft_ms + index * request.token_ms
+        yield due + jitter.uniform(0, request.jitter_ms) if request.jitter_ms else due
+
+
 def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
     """When each of `count` tokens is due, in ms after generation starts.
 
@@ -86,18 +103,14 @@ def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
     >>> schedule_ms(GenerationRequest("hi", ttft_ms=100, token_ms=20), 3)
     [100, 120, 140]
     """
-    jitter = random.Random(f"jitter:{request.seed}")
-    due = [request.ttft_ms + index * request.token_ms for index in range(count)]
-    if request.jitter_ms:
-        due = [at + jitter.uniform(0, request.jitter_ms) for at in due]
-    return due
+    return list(islice(_due_ms(request), count))
 
 
-async def _paced(tokens: list[str], request: GenerationRequest) -> AsyncIterator[str]:
-    """Release tokens on the request's absolute schedule."""
+async def _paced(tokens: Iterable[str], request: GenerationRequest) -> AsyncIterator[str]:
+    """Release tokens on the request's absolute schedule, holding one at a time."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for token, due_ms in zip(tokens, schedule_ms(request, len(tokens)), strict=True):
+    for token, due_ms in zip(tokens, _due_ms(request), strict=False):  # the schedule is endless
         await asyncio.sleep(max(0.0, start + due_ms / 1000 - loop.time()))
         yield token
 
@@ -108,16 +121,21 @@ def sim_tokens(prompt: str, max_tokens: int, seed: int = 0) -> list[str]:
     >>> "".join(sim_tokens("hi", 5))
     'The first token arrives after'
     """
-    words = _words(random.Random(f"text:{seed}:{prompt}"))
-    return [next(words) for _ in range(max_tokens)]
+    return list(_sim_words(prompt, max_tokens, seed))
+
+
+def _sim_words(prompt: str, max_tokens: int, seed: int) -> Iterator[str]:
+    return islice(_words(random.Random(f"text:{seed}:{prompt}")), max_tokens)
 
 
 def sim(request: GenerationRequest) -> AsyncIterator[str]:
     """A simulated LLM: `max_tokens` tokens of prose that depend on the prompt and seed.
 
-    It never stops on its own, so its finish reason is always "length".
+    It never stops on its own, so its finish reason is always "length". Tokens are
+    made one at a time, so a long stream holds no more than one in memory.
     """
-    return _paced(sim_tokens(request.prompt, request.max_tokens, request.seed), request)
+    words = islice(_sim_words(request.prompt, request.max_tokens, request.seed), request.resume_from, None)
+    return _paced(words, request)
 
 
 _ECHO_TOKEN = re.compile(r"\s*\S+|\s+")
@@ -132,13 +150,24 @@ def echo_tokens(prompt: str) -> list[str]:
     return _ECHO_TOKEN.findall(prompt)
 
 
-def echo(request: GenerationRequest) -> AsyncIterator[str]:
-    """Stream the whole prompt back, word by word, whatever it holds.
+def prompt_tokens(prompt: str) -> int:
+    """How many tokens a prompt takes in the context window, for the simulated models.
 
-    `max_tokens` does not truncate it: echo exists to prove that every byte of a
-    payload survives the trip, so it never drops any.
+    The simulated tokenizer is echo's: one token per word with its leading space.
+
+    >>> prompt_tokens("to be or not")
+    4
     """
-    return _paced(echo_tokens(request.prompt), request)
+    return len(echo_tokens(prompt))
+
+
+def echo(request: GenerationRequest) -> AsyncIterator[str]:
+    """Stream the prompt back, word by word, whatever it holds, up to `max_tokens` words.
+
+    Echo exists to prove that every byte of a payload survives the trip: the
+    tokens join back to the prompt exactly (when it fits in `max_tokens`).
+    """
+    return _paced(echo_tokens(request.prompt)[request.resume_from : request.max_tokens], request)
 
 
 MODELS: dict[str, TokenSource] = {"sim": sim, "echo": echo}

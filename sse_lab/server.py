@@ -2,10 +2,23 @@
 
     GET /api/chat/stream?prompt=...   text/event-stream: `token` events, then `done`
     GET /api/chat?prompt=...          application/json, sent once generation ends
+    GET /api/stats                    counters of the streams served so far
 
-Both take the same query parameters (see `PARAMETERS`). Anything malformed is
-refused with HTTP 422 and a JSON body naming the parameter and the reason. Once a
-stream has started, a failing model ends it with an `error` event instead.
+Both chat endpoints take the same query parameters (see `PARAMETERS`); the
+stream takes a few more (`STREAM_PARAMETERS`). Anything malformed is refused
+with HTTP 422 and a JSON body naming the parameter and the reason, before any
+byte of a stream is sent. Once a stream has started, trouble ends it with an
+`error` event (`{"code": ..., "message": ...}`) and a clean end of the response:
+
+    model_error              the model raised (or `fail_after` made it raise)
+    content_filter           the next token holds a blocked word; it is not sent
+    context_length_exceeded  prompt tokens + generated tokens reached the window
+    timeout                  the stream ran longer than the server allows
+
+A stream opens with a `retry:` line and every token event carries its index as
+`id`, so a client that lost the connection reconnects with `Last-Event-ID` and
+gets the rest of the text, no gap and no duplicate. While the model is silent
+(a long prefill), a comment line goes out every `heartbeat_s` seconds.
 """
 
 from __future__ import annotations
@@ -14,20 +27,22 @@ import asyncio
 import json
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any, TypeVar
 
 from starlette.applications import Starlette
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from .model import MODELS, GenerationRequest, TokenSource
-from .sse import MEDIA_TYPE, encode_event
+from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
+from .sse import MEDIA_TYPE, encode_comment, encode_event
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +54,32 @@ STREAM_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
+HEARTBEAT = encode_comment("heartbeat")
+
 
 @dataclass(frozen=True)
 class Settings:
-    """Server-wide limits and the defaults a request falls back on."""
+    """Server-wide limits, stream behaviour, and the defaults a request falls back on.
+
+    context_window: tokens a model can hold, prompt and reply together.
+    blocklist: words the content filter stops a stream on (case-insensitive).
+    heartbeat_s: a comment goes out after this many seconds without an event.
+    retry_ms: the reconnection delay a stream tells its client (None: say nothing).
+    max_concurrent_streams: more open streams than this get HTTP 429.
+    max_stream_s: a stream still running after this many seconds ends with an error event.
+    cancel_on_disconnect: stop the model when the client leaves. False shows the
+        waste of a server that does not: the model runs on and its tokens are dropped.
+    """
 
     max_prompt_chars: int = 8_000
     max_tokens_limit: int = 4_096
+    context_window: int = 8_192
+    blocklist: tuple[str, ...] = ()
+    heartbeat_s: float = 15.0
+    retry_ms: int | None = 3_000
+    max_concurrent_streams: int = 32
+    max_stream_s: float = 300.0
+    cancel_on_disconnect: bool = True
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
 
 
@@ -56,6 +90,14 @@ class InvalidParameter(Exception):
         super().__init__(f"{parameter}: {reason}")
         self.parameter = parameter
         self.reason = reason
+
+
+class TooManyStreams(Exception):
+    """Every stream slot is taken; answered with HTTP 429 and Retry-After."""
+
+
+class InjectedFault(RuntimeError):
+    """The failure `fail_after=N` makes a model raise, to rehearse a crash mid-stream."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +126,64 @@ _NUMBERS = {
 }
 
 PARAMETERS = ("prompt", "model", "max_tokens", *_NUMBERS)
+STREAM_PARAMETERS = ("last_event_id", "heartbeat_s", "context_window", "blocklist", "fail_after")
+
+# A token event's id is its index: ASCII digits, no sign, no leading zero.
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How one stream behaves beyond what the model is asked: see `Settings`.
+
+    fail_after: the model raises `InjectedFault` instead of producing token
+    number `fail_after` (None: never).
+    """
+
+    heartbeat_s: float
+    context_window: int
+    blocklist: tuple[str, ...]
+    fail_after: int | None = None
+
+
+@dataclass
+class StreamStats:
+    """Counters of the streams an app has served, as `GET /api/stats` reports them.
+
+    streams_active: open right now. streams_completed: ended with `done`.
+    streams_failed: ended with an `error` event. streams_cancelled: the client
+    left before the end. streams_rejected: refused with 429, every slot taken.
+    tokens_generated: produced by models for streams. tokens_wasted: of those,
+    produced after the client had gone, for nobody.
+    """
+
+    streams_active: int = 0
+    streams_completed: int = 0
+    streams_failed: int = 0
+    streams_cancelled: int = 0
+    streams_rejected: int = 0
+    tokens_generated: int = 0
+    tokens_wasted: int = 0
+
+    def stream_ended(self, outcome: str) -> None:
+        """Move a stream from active to its outcome: completed, failed or cancelled."""
+        self.streams_active -= 1
+        if outcome == "completed":
+            self.streams_completed += 1
+        elif outcome == "failed":
+            self.streams_failed += 1
+        else:
+            self.streams_cancelled += 1
+
+
+def _check_names(query: QueryParams, allowed: tuple[str, ...]) -> None:
+    for name in query:
+        if name not in allowed:
+            if name in STREAM_PARAMETERS:
+                raise InvalidParameter(name, "only /api/chat/stream takes this parameter")
+            raise InvalidParameter(name, f"unknown parameter; expected one of {', '.join(allowed)}")
+        if len(query.getlist(name)) > 1:
+            raise InvalidParameter(name, "given more than once")
 
 
 def parse_request(
@@ -91,11 +191,7 @@ def parse_request(
 ) -> tuple[TokenSource, GenerationRequest]:
     """Validate the query string into a token source and a generation request."""
     query = request.query_params
-    for name in query:
-        if name not in PARAMETERS:
-            raise InvalidParameter(name, f"unknown parameter; expected one of {', '.join(PARAMETERS)}")
-        if len(query.getlist(name)) > 1:
-            raise InvalidParameter(name, "given more than once")
+    _check_names(query, PARAMETERS + STREAM_PARAMETERS if request.url.path.endswith("/stream") else PARAMETERS)
     if "prompt" not in query:
         raise InvalidParameter("prompt", "required")
     prompt = query["prompt"]
@@ -116,6 +212,53 @@ def parse_request(
     return models[model], replace(settings.defaults, **fields)
 
 
+def parse_resume(request: Request, generation: GenerationRequest) -> GenerationRequest:
+    """Read `Last-Event-ID` (header, or the `last_event_id` parameter) into where to resume.
+
+    The id is the index of the last token the client received, so the stream
+    resumes at the next one. An empty id means none: start from the beginning.
+    """
+    header = request.headers.get("last-event-id")
+    parameter = request.query_params.get("last_event_id")
+    if header is not None and parameter is not None and header != parameter:
+        raise InvalidParameter("last_event_id", f"disagrees with the Last-Event-ID header ({header!r})")
+    name, raw = ("Last-Event-ID", header) if header is not None else ("last_event_id", parameter)
+    if not raw:
+        return generation
+    if not _TOKEN_ID.fullmatch(raw):
+        raise InvalidParameter(name, f"must be the id of a token event (a token index, like '7'), got {raw!r}")
+    last = int(raw)
+    if last >= generation.max_tokens:
+        reason = f"token {last} is beyond the stream: its token ids run from 0 to {generation.max_tokens - 1}"
+        raise InvalidParameter(name, reason)
+    return replace(generation, resume_from=last + 1)
+
+
+def parse_stream_options(request: Request, generation: GenerationRequest, settings: Settings) -> StreamOptions:
+    """Validate the stream-only parameters; a prompt too long for the context window is refused."""
+    query = request.query_params
+    heartbeat_s = settings.heartbeat_s
+    if "heartbeat_s" in query:
+        heartbeat_s = _Number(float, 0.01, 3_600).parse("heartbeat_s", query["heartbeat_s"])
+    context_window = settings.context_window
+    if "context_window" in query:
+        context_window = int(_Number(int, 1, settings.context_window).parse("context_window", query["context_window"]))
+    in_prompt = prompt_tokens(generation.prompt)
+    if in_prompt >= context_window:
+        reason = f"{in_prompt} tokens leave no room in a context window of {context_window} tokens"
+        raise InvalidParameter("prompt", reason)
+    blocklist = settings.blocklist
+    if "blocklist" in query:
+        words = [word.strip() for word in query["blocklist"].split(",")]
+        if not all(words):
+            raise InvalidParameter("blocklist", "must be comma-separated words, none of them empty")
+        blocklist += tuple(words)
+    fail_after = None
+    if "fail_after" in query:
+        fail_after = int(_Number(int, 0, settings.max_tokens_limit).parse("fail_after", query["fail_after"]))
+    return StreamOptions(heartbeat_s, context_window, blocklist, fail_after)
+
+
 def _finish_reason(tokens: int, request: GenerationRequest) -> str:
     return "length" if tokens >= request.max_tokens else "stop"
 
@@ -124,24 +267,110 @@ def _json(payload: object) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-async def token_events(source: TokenSource, request: GenerationRequest) -> AsyncGenerator[bytes, None]:
-    """The event stream for one request: a `token` event per token, then `done`.
+def _error_event(code: str, message: str) -> bytes:
+    return encode_event(_json({"code": code, "message": message}), event="error")
 
-    Each token event's id is its index, so a client always knows the last token it
-    received. A model that fails mid-stream ends the stream with an `error` event.
-    """
-    count = 0
+
+async def _fail_at(tokens: AsyncIterator[str], index: int, fail_at: int) -> AsyncGenerator[str, None]:
+    """Pass tokens on from `index`, then raise instead of producing token `fail_at`."""
     try:
-        async for token in source(request):
-            yield encode_event(_json({"token": token, "index": count}), event="token", id=str(count))
-            count += 1
-    except Exception as failure:  # one line in the log, no traceback in a notebook
-        logger.warning("model failed after %d tokens: %r", count, failure)
-        error = {"code": "model_error", "message": f"the model failed after {count} tokens"}
-        yield encode_event(_json(error), event="error")
-        return
-    done = {"finish_reason": _finish_reason(count, request), "tokens": count}
-    yield encode_event(_json(done), event="done")
+        while index < fail_at:
+            try:
+                yield await anext(tokens)
+            except StopAsyncIteration:
+                return
+            index += 1
+        raise InjectedFault(f"fail_after={fail_at}")
+    finally:
+        await _close(tokens)
+
+
+async def _close(tokens: AsyncIterator[str]) -> None:
+    aclose = getattr(tokens, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+class ChatStream:
+    """One stream's events, and the counters it keeps up to date.
+
+    `events()` yields the bytes to send: the `retry` line, a `token` event per
+    token (id = its index), then `done` or an `error` event. Heartbeats and the
+    time limit are the response's business (`EventStreamResponse`). `client_gone`
+    is set when the client leaves; tokens the model produces after that count as
+    wasted.
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        generation: GenerationRequest,
+        options: StreamOptions,
+        settings: Settings,
+        stats: StreamStats,
+    ) -> None:
+        self.source = source
+        self.generation = generation
+        self.options = options
+        self.settings = settings
+        self.stats = stats
+        self.client_gone = False
+        self.outcome = "cancelled"  # until it ends on its own
+
+    async def events(self) -> AsyncGenerator[bytes, None]:
+        if self.settings.retry_ms is not None:
+            # A field line with no blank line after it: it opens the first event's
+            # block, so no parser can mistake it for an event of its own.
+            yield f"retry: {self.settings.retry_ms}\n".encode()
+        generation, options = self.generation, self.options
+        tokens: AsyncIterator[str] = aiter(self.source(generation))
+        if options.fail_after is not None:
+            tokens = _fail_at(tokens, generation.resume_from, options.fail_after)
+        in_prompt = prompt_tokens(generation.prompt)
+        index = generation.resume_from
+        try:
+            while index < generation.max_tokens:
+                if in_prompt + index >= options.context_window:
+                    message = (
+                        f"{in_prompt} prompt tokens + {index} generated fill the window of {options.context_window}"
+                    )
+                    yield self._failed(_error_event("context_length_exceeded", message))
+                    return
+                try:
+                    token = await anext(tokens)
+                except StopAsyncIteration:
+                    break
+                except Exception as failure:  # one line in the log, no traceback in a notebook
+                    logger.warning("model failed after %d tokens: %r", index, failure)
+                    yield self._failed(_error_event("model_error", f"the model failed after {index} tokens"))
+                    return
+                self._count_token()
+                if any(word.casefold() in token.casefold() for word in options.blocklist):
+                    yield self._failed(
+                        _error_event("content_filter", f"token {index} was withheld by the content filter")
+                    )
+                    return
+                yield encode_event(_json({"token": token, "index": index}), event="token", id=str(index))
+                index += 1
+            done = {"finish_reason": _finish_reason(index, generation), "tokens": index}
+            self.outcome = "completed"
+            yield encode_event(_json(done), event="done")
+        finally:
+            await _close(tokens)
+
+    def timed_out(self) -> bytes:
+        """The stream ran over the server's time limit: the error event that ends it."""
+        message = f"the stream ran longer than the limit of {self.settings.max_stream_s:g} s"
+        return self._failed(_error_event("timeout", message))
+
+    def _failed(self, event: bytes) -> bytes:
+        self.outcome = "failed"
+        return event
+
+    def _count_token(self) -> None:
+        self.stats.tokens_generated += 1
+        if self.client_gone:
+            self.stats.tokens_wasted += 1
 
 
 async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
@@ -150,13 +379,8 @@ async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[T]
     Returns None when the client left: the work was cancelled at its next await, so
     a model behind it is not asked for another token. Errors of `work` propagate.
     """
-
-    async def disconnected() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
     working = asyncio.ensure_future(work())
-    watching = asyncio.ensure_future(disconnected())
+    watching = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((working, watching), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -166,35 +390,151 @@ async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[T]
     return None if working.cancelled() else working.result()
 
 
-class EventStreamResponse(StreamingResponse):
-    """A `text/event-stream` response that stops producing when the client leaves.
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-    Starlette's StreamingResponse only notices a disconnect on servers speaking
-    ASGI spec 2.3 or older; this one always listens for it, so a long silence (a
-    slow prefill) does not keep a dead stream's model running.
+
+class EventStreamResponse(StreamingResponse):
+    """A `text/event-stream` response that keeps its connection alive, bounded and watched.
+
+    - `heartbeat_s`: a comment goes out whenever nothing else has for that long,
+      so proxies do not cut a stream that waits on a slow model.
+    - `max_duration_s`: past it, the events stop and `on_timeout()` gives the last
+      bytes to send (an error event).
+    - The client leaving is noticed at once (Starlette's StreamingResponse only
+      notices on servers speaking ASGI spec 2.3 or older). With `cancel=True` the
+      events are cancelled at their next await, so a slow prefill does not keep a
+      dead stream's model running; with `cancel=False` they run to their end and
+      their bytes are dropped. Either way `on_disconnect()` is called.
     """
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        *,
+        heartbeat_s: float | None = None,
+        max_duration_s: float | None = None,
+        on_timeout: Callable[[], bytes] = lambda: b"",
+        cancel: bool = True,
+        on_disconnect: Callable[[], object] = lambda: None,
+    ) -> None:
         super().__init__(events, headers=STREAM_HEADERS)
         self.events = events
+        self.heartbeat_s = heartbeat_s
+        self.max_duration_s = max_duration_s
+        self.on_timeout = on_timeout
+        self.cancel = cancel
+        self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await cancel_on_disconnect(receive, lambda: self.stream_response(send))
+            if self.cancel:
+                await self._cancelled_on_disconnect(receive, send)
+            else:
+                await self._run_to_the_end(receive, send)
         finally:
             await self.events.aclose()  # run the producers' cleanup now, not at GC
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        loop = asyncio.get_running_loop()
+        last_write = loop.time()
+
+        async def write(chunk: bytes) -> None:
+            nonlocal last_write
+            last_write = loop.time()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        async def all_events() -> None:
+            async for chunk in self.events:
+                await write(chunk)
+
+        async def heartbeats(interval_s: float) -> None:
+            while True:
+                await asyncio.sleep(max(0.0, last_write + interval_s - loop.time()))
+                if loop.time() - last_write >= interval_s:
+                    await write(HEARTBEAT)
+
+        beating = None if self.heartbeat_s is None else asyncio.ensure_future(heartbeats(self.heartbeat_s))
+        try:
+            await asyncio.wait_for(all_events(), self.max_duration_s)
+        except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
+            await write(self.on_timeout())
+        finally:
+            if beating is not None:
+                beating.cancel()
+                await asyncio.wait((beating,))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _cancelled_on_disconnect(self, receive: Receive, send: Send) -> None:
+        async def finished() -> bool:
+            await self.stream_response(send)
+            return True
+
+        if await cancel_on_disconnect(receive, finished) is None:
+            self.on_disconnect()
+
+    async def _run_to_the_end(self, receive: Receive, send: Send) -> None:
+        gone = asyncio.Event()
+
+        async def notice() -> None:
+            await _disconnected(receive)
+            gone.set()
+            self.on_disconnect()
+
+        async def send_while_connected(message: Message) -> None:
+            if not gone.is_set():
+                await send(message)
+
+        watching = asyncio.ensure_future(notice())
+        try:
+            await self.stream_response(send_while_connected)
+        finally:
+            watching.cancel()
+            await asyncio.wait((watching,))
+
+
+def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStreamResponse:
+    async def events() -> AsyncGenerator[bytes, None]:
+        try:
+            async for chunk in chat.events():
+                yield chunk
+        finally:
+            release()
+
+    def on_disconnect() -> None:
+        chat.client_gone = True
+
+    return EventStreamResponse(
+        events(),
+        heartbeat_s=chat.options.heartbeat_s,
+        max_duration_s=chat.settings.max_stream_s,
+        on_timeout=chat.timed_out,
+        cancel=chat.settings.cancel_on_disconnect,
+        on_disconnect=on_disconnect,
+    )
 
 
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
     """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
     settings = settings or Settings()
     models = dict(MODELS if models is None else models)
+    stats = StreamStats()
 
     async def chat_stream(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
-        return EventStreamResponse(token_events(source, generation))
+        generation = parse_resume(request, generation)
+        options = parse_stream_options(request, generation, settings)
+        if stats.streams_active >= settings.max_concurrent_streams:
+            stats.streams_rejected += 1
+            raise TooManyStreams
+        stats.streams_active += 1  # taken here, before any await, so no two requests get the last slot
+        chat = ChatStream(source, generation, options, settings, stats)
+
+        return _stream_response(chat, lambda: stats.stream_ended("cancelled" if chat.client_gone else chat.outcome))
 
     async def chat(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
@@ -218,10 +558,19 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             }
         )
 
+    async def stream_stats(request: Request) -> Response:
+        return JSONResponse(asdict(stats))
+
     async def invalid_parameter(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidParameter)
         body = {"error": "invalid_parameter", "parameter": exc.parameter, "reason": exc.reason}
         return JSONResponse(body, status_code=422)
+
+    async def too_many_streams(request: Request, exc: Exception) -> Response:
+        reason = f"all {settings.max_concurrent_streams} stream slots are taken; try again shortly"
+        return JSONResponse(
+            {"error": "too_many_streams", "reason": reason}, status_code=429, headers={"Retry-After": "1"}
+        )
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -231,6 +580,11 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
+            Route("/api/stats", stream_stats),
         ],
-        exception_handlers={InvalidParameter: invalid_parameter, HTTPException: http_error},
+        exception_handlers={
+            InvalidParameter: invalid_parameter,
+            TooManyStreams: too_many_streams,
+            HTTPException: http_error,
+        },
     )

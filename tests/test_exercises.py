@@ -1,10 +1,23 @@
 from __future__ import annotations
 
+import os
+from itertools import groupby
+
 import pytest
 
 from sse_lab import BackgroundServer, stream_chat
-from sse_lab.exercises import check_buffered_ttft, check_tpot
+from sse_lab.exercises import (
+    check_buffered_ttft,
+    check_frame,
+    check_heartbeat_interval,
+    check_line_parser,
+    check_lumps,
+    check_proxy_config,
+    check_resume,
+    check_tpot,
+)
 from sse_lab.metrics import ChatResult
+from sse_lab.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +25,7 @@ def measured(server: BackgroundServer) -> ChatResult:
     return stream_chat(server.url, "hi", max_tokens=5, ttft_ms=0, token_ms=5)
 
 
-def not_yet(*args: object) -> float:
+def not_yet(*args: object, **kwargs: object) -> float:
     raise NotImplementedError
 
 
@@ -47,3 +60,144 @@ def test_a_right_buffered_prediction_passes(server: BackgroundServer, capsys: py
 def test_a_prediction_in_milliseconds_fails(server: BackgroundServer) -> None:
     with pytest.raises(AssertionError, match="seconds"):
         check_buffered_ttft(lambda ttft_ms, token_ms, tokens: ttft_ms + (tokens - 1) * token_ms, server.url)
+
+
+def right_resume(base_url: str, prompt: str, partial: ChatResult, **params: object) -> str:
+    return partial.text + stream_chat(base_url, prompt, last_event_id=partial.events[-1].event.id, **params).text
+
+
+def test_a_right_resume_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_resume(right_resume)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_resume_at_the_last_id_repeats_a_token_and_fails() -> None:
+    def one_too_early(base_url: str, prompt: str, partial: ChatResult, **params: object) -> str:
+        last_id = str(int(partial.events[-1].event.id) - 1)
+        return partial.text + stream_chat(base_url, prompt, last_event_id=last_id, **params).text
+
+    with pytest.raises(AssertionError, match="resume after it or at it"):
+        check_resume(one_too_early)
+
+
+def test_a_safe_heartbeat_interval_passes_and_a_late_one_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    check_heartbeat_interval(lambda idle_timeout_s: idle_timeout_s / 2)
+    assert "passed" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="cut the stream"):
+        check_heartbeat_interval(lambda idle_timeout_s: 2 * idle_timeout_s)
+    with pytest.raises(AssertionError, match="more heartbeats than needed"):
+        check_heartbeat_interval(lambda idle_timeout_s: idle_timeout_s / 100)
+
+
+def test_unattempted_edge_case_exercises_only_remind(capsys: pytest.CaptureFixture[str]) -> None:
+    check_resume(not_yet)
+    check_heartbeat_interval(not_yet)
+    assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+def right_frame(text: str) -> bytes:
+    return b"".join(b"data: " + line.encode() + b"\n" for line in text.split("\n")) + b"\n"
+
+
+def right_line_parser(body: str) -> list[tuple[str, str]]:
+    events, data, kind = [], [], ""
+    for line in body.split("\n")[:-1]:
+        if not line:
+            if data:
+                events.append((kind or "message", "\n".join(data)))
+            data, kind = [], ""
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+    return events
+
+
+SERVER_BODY = b"retry: 3000\n: heartbeat\nevent: token\nid: 0\ndata: {}\n\nevent: done\ndata: {}\n\n"
+
+
+def test_a_right_frame_passes(capsys: pytest.CaptureFixture[str]) -> None:
+
+    check_frame(right_frame)
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("frame", "hint"),
+    [
+        (lambda text: f"data: {text}\n\n".encode(), "broke out of its frame|came back as"),
+        (lambda text: f"data:{text}\n\n".replace("\n", "\ndata:").encode(), "came back as|no event"),
+        (lambda text: b"".join(b"data:" + line.encode() + b"\n" for line in text.split("\n")) + b"\n", "one space"),
+        (lambda text: right_frame(text)[:-1], "no event"),
+        (lambda text: b"" if not text else right_frame(text), "even when the text is empty"),
+        (lambda text: right_frame(text).decode(), "must return bytes"),
+    ],
+)
+def test_a_wrong_frame_fails_with_a_hint(frame: object, hint: str) -> None:
+
+    with pytest.raises(AssertionError, match=hint):
+        check_frame(frame)  # type: ignore[arg-type]
+
+
+def test_a_right_line_parser_passes(capsys: pytest.CaptureFixture[str]) -> None:
+
+    check_line_parser(right_line_parser, SERVER_BODY)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_line_parser_that_dispatches_blocks_without_data_fails() -> None:
+
+    def dispatches_every_block(body: str) -> list[tuple[str, str]]:
+        return [
+            (next((line[7:] for line in block.split("\n") if line.startswith("event: ")), "message"), "")
+            for block in body.split("\n\n")[:-1]
+        ]
+
+    with pytest.raises(AssertionError, match="your parser found"):
+        check_line_parser(dispatches_every_block, SERVER_BODY)
+
+
+def test_a_line_parser_that_splits_on_every_unicode_line_break_fails_on_a_vector() -> None:
+
+    def splitlines_parser(body: str) -> list[tuple[str, str]]:
+        return right_line_parser("\n".join(body.splitlines()) + "\n" if body.endswith("\n") else body)
+
+    with pytest.raises(AssertionError, match="vector"):
+        check_line_parser(splitlines_parser, SERVER_BODY)
+
+
+def test_unattempted_wire_exercises_only_remind(capsys: pytest.CaptureFixture[str]) -> None:
+
+    check_frame(not_yet)  # type: ignore[arg-type]
+    check_line_parser(not_yet, SERVER_BODY)  # type: ignore[arg-type]
+    assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+def right_lumps(arrivals: list[float]) -> list[int]:
+    return [len(list(together)) for _, together in groupby(arrivals)]
+
+
+def test_right_lumps_pass_and_counting_distinct_times_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    check_lumps(right_lumps)
+    assert "passed" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="share one arrival time"):
+        check_lumps(lambda arrivals: [1] * len(arrivals))
+
+
+@pytest.mark.skipif(find_nginx() is None and os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) != "1", reason="no nginx")
+def test_an_unbuffered_gzip_proxy_passes_and_a_buffered_one_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    check_proxy_config(lambda: ProxyConfig(proxy_buffering=False, gzip=True, ignore_accel_buffering=True))
+    assert "passed" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="lumps"):
+        check_proxy_config(lambda: ProxyConfig(gzip=True, ignore_accel_buffering=True))
+    with pytest.raises(AssertionError, match="insists"):
+        check_proxy_config(lambda: ProxyConfig(proxy_buffering=False))
+
+
+def test_unattempted_buffering_exercises_only_remind(capsys: pytest.CaptureFixture[str]) -> None:
+    check_lumps(not_yet)
+    check_proxy_config(not_yet)
+    assert capsys.readouterr().out.count("not attempted yet") == 2

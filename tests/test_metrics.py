@@ -37,9 +37,21 @@ def test_summary_table_has_a_row_per_variant_in_ms() -> None:
     table = summary_table({"streamed": [result([10.1, 10.2])], "buffered": [result([11.0, 11.0])]})
     header, streamed, buffered = table.splitlines()
     assert header.split()[:2] == ["variant", "runs"]
-    assert streamed.split() == ["streamed", "1", "100", "ms", "100", "ms", "200", "ms", "200", "ms"]
-    assert buffered.split()[:3] == ["buffered", "1", "1000"]
+    assert streamed.split() == ["streamed", "1", "10", "ms", "100", "ms", "100", "ms", "200", "ms", "200", "ms"]
+    assert buffered.split()[:5] == ["buffered", "1", "10", "ms", "1000"]
+
+
+def test_summary_table_fits_long_variant_names() -> None:
+    name = "nginx + buffering off + ignore X-Accel + gzip"
+    header, row = summary_table({name: [result([10.1])]}).splitlines()
+    assert row.startswith(name + "  ") and row[len(name) :].split()[:2] == ["1", "10"]
+    assert header.index("runs") + len("runs") == row.index("1 ") + 1  # columns line up
 
 
 def test_ttfts_skips_runs_without_tokens() -> None:
     assert ttfts([result([]), result([10.25])]) == [0.25]
+
+
+def test_lumps_count_the_tokens_that_arrived_together() -> None:
+    assert result([10.1, 10.2, 10.2, 10.2, 10.5]).lumps == [1, 3, 1]
+    assert result([]).lumps == []

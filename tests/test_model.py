@@ -2,12 +2,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_lab.model import MODELS, GenerationRequest, TokenSource, echo, echo_tokens, schedule_ms, sim, sim_tokens
+from sse_lab.model import (
+    MODELS,
+    GenerationRequest,
+    TokenSource,
+    echo,
+    echo_tokens,
+    prompt_tokens,
+    schedule_ms,
+    sim,
+    sim_tokens,
+)
 from tests.conftest import NASTY_PROMPTS
 
 
@@ -52,9 +63,27 @@ def test_echo_tokens_join_back_to_any_prompt(prompt: str) -> None:
     assert "".join(echo_tokens(prompt)) == prompt
 
 
-def test_echo_ignores_max_tokens() -> None:
-    prompt = "one two three four five"
-    assert "".join(run("echo", fast(prompt, max_tokens=2))) == prompt
+def test_echo_stops_at_max_tokens() -> None:
+    assert run("echo", fast("one two three four five", max_tokens=2)) == ["one", " two"]
+
+
+@pytest.mark.parametrize("model", ["sim", "echo"])
+def test_a_resumed_source_continues_exactly_where_it_left_off(model: str) -> None:
+    request = fast("the quick brown fox jumps over the lazy dog", max_tokens=7, seed=4)
+    whole = run(model, request)
+    for resume_from in range(len(whole) + 1):
+        assert run(model, replace(request, resume_from=resume_from)) == whole[resume_from:]
+
+
+def test_a_resumed_source_pays_the_prefill_again() -> None:
+    request = GenerationRequest("hi", max_tokens=3, ttft_ms=150, token_ms=0, resume_from=2)
+    started = time.perf_counter()
+    assert run("sim", request) == sim_tokens("hi", 3)[2:]
+    assert time.perf_counter() - started >= 0.15
+
+
+def test_prompt_tokens_counts_the_words_echo_would_send() -> None:
+    assert [prompt_tokens(prompt) for prompt in ("", "hi", "to be\nor  not ")] == [0, 1, 5]
 
 
 def test_schedule_without_jitter_is_exact() -> None:

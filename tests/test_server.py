@@ -89,7 +89,7 @@ def test_echo_survives_any_prompt(prompt: str) -> None:
     async def echoed() -> str:
         transport = httpx.ASGITransport(app=create_app())
         async with httpx.AsyncClient(transport=transport, base_url="http://lab") as client:
-            params = {"prompt": prompt, "model": "echo", "ttft_ms": 0, "token_ms": 0}
+            params = {"prompt": prompt, "model": "echo", "max_tokens": 4096, "ttft_ms": 0, "token_ms": 0}
             response = await client.get("/api/chat", params=params)
             return response.json()["text"]
 
@@ -214,3 +214,178 @@ def test_a_client_that_gives_up_on_a_buffered_reply_stops_generation() -> None:
         with pytest.raises(httpx.ReadTimeout):
             client.get(running.url + "/api/chat", params={"prompt": "hi", "model": "probe"})
         wait_for(probe.closed.is_set, what="the model to be shut")
+
+
+def raw_stream(url: str, headers: dict[str, str] | None = None, **params: object) -> str:
+    with httpx.Client(trust_env=False) as client:
+        return client.get(url + "/api/chat/stream", params=params, headers=headers).text
+
+
+def stats(server: BackgroundServer) -> dict[str, int]:
+    return httpx.get(server.url + "/api/stats", trust_env=False).json()
+
+
+def test_a_stream_opens_with_retry_and_every_token_event_carries_its_index_as_id() -> None:
+    with serve_in_background(create_app(Settings(retry_ms=1234))) as running:
+        body = raw_stream(running.url, prompt="hi", max_tokens=3, ttft_ms=0, token_ms=0)
+    assert body.startswith("retry: 1234\nevent: token\nid: 0\n")
+    assert body.count("retry:") == 1
+    assert [line for line in body.splitlines() if line.startswith("id:")] == ["id: 0", "id: 1", "id: 2"]
+
+
+def test_heartbeats_are_comments_sent_while_the_model_is_silent(server: BackgroundServer) -> None:
+    body = raw_stream(server.url, prompt="hi", max_tokens=2, ttft_ms=500, token_ms=0, heartbeat_s=0.1)
+    before_first_token = body.split("event: token")[0]
+    assert 2 <= before_first_token.count(": heartbeat\n") <= 6  # about one per 100 ms of a 500 ms prefill
+    assert "\n\n" not in before_first_token  # no blank line: a heartbeat never closes an event
+    assert body.count(": heartbeat") == before_first_token.count(": heartbeat")  # not between quick tokens
+
+
+def test_no_parser_sees_heartbeats_or_retry_as_events(server: BackgroundServer) -> None:
+    params = {"prompt": "hi", "max_tokens": 3, "ttft_ms": 300, "token_ms": 150, "heartbeat_s": 0.05}
+    plain = events(server.url + "/api/chat/stream", **params)
+    assert [event for event, _, _ in plain] == ["token", "token", "token", "done"]
+    ours = stream_chat(server.url, **params)
+    assert [received.event.event for received in ours.events] == ["token", "token", "token", "done"]
+
+
+def test_resuming_after_an_id_gives_the_rest_of_the_text_exactly(server: BackgroundServer) -> None:
+    params = {"prompt": "resume me", "max_tokens": 12, "ttft_ms": 0, "token_ms": 0, "seed": 5}
+    whole = [data["token"] for event, _, data in events(server.url + "/api/chat/stream", **params)[:-1]]
+    for last_id in range(12):
+        by_header = httpx.get(
+            server.url + "/api/chat/stream", params=params, headers={"Last-Event-ID": str(last_id)}, trust_env=False
+        )
+        by_parameter = events(server.url + "/api/chat/stream", **params, last_event_id=last_id)
+        rest = [data["token"] for event, _, data in by_parameter if event == "token"]
+        assert whole[: last_id + 1] + rest == whole
+        assert [data["index"] for event, _, data in by_parameter if event == "token"] == list(range(last_id + 1, 12))
+        assert by_parameter[-1][::2] == ("done", {"finish_reason": "length", "tokens": 12})
+        assert by_header.text == raw_stream(server.url, **params, last_event_id=last_id)
+
+
+@pytest.mark.parametrize(
+    ("last_id", "reason"),
+    [("x", "id of a token event"), ("-1", "id of a token event"), ("05", "id of a token event"),
+     ("1.5", "id of a token event"), ("+3", "id of a token event"), ("99999999999", "id of a token event"),
+     ("8", "beyond the stream"), ("4000", "beyond the stream")],
+)  # fmt: skip
+def test_a_malformed_or_unknown_last_event_id_is_refused(server: BackgroundServer, last_id: str, reason: str) -> None:
+    params = {"prompt": "hi", "max_tokens": 8}
+    by_header = httpx.get(
+        server.url + "/api/chat/stream", params=params, headers={"Last-Event-ID": last_id}, trust_env=False
+    )
+    by_parameter = httpx.get(server.url + "/api/chat/stream", params={**params, "last_event_id": last_id})
+    for response, parameter in ((by_header, "Last-Event-ID"), (by_parameter, "last_event_id")):
+        assert response.status_code == 422
+        assert response.json()["parameter"] == parameter and reason in response.json()["reason"]
+
+
+def test_header_and_parameter_must_agree(server: BackgroundServer) -> None:
+    response = httpx.get(
+        server.url + "/api/chat/stream",
+        params={"prompt": "hi", "last_event_id": "2"},
+        headers={"Last-Event-ID": "3"},
+        trust_env=False,
+    )
+    assert response.status_code == 422 and response.json()["parameter"] == "last_event_id"
+
+
+STREAM_ONLY_BAD_REQUESTS = [
+    ({"heartbeat_s": "0"}, "heartbeat_s", "from 0.01"),
+    ({"heartbeat_s": "soon"}, "heartbeat_s", "number"),
+    ({"context_window": "0"}, "context_window", "from 1"),
+    ({"context_window": "9000"}, "context_window", "to 8192"),
+    ({"blocklist": "a,,b"}, "blocklist", "empty"),
+    ({"fail_after": "-1"}, "fail_after", "from 0"),
+    ({"prompt": "one two three", "context_window": "3"}, "prompt", "no room"),
+]
+
+
+@pytest.mark.parametrize(("params", "parameter", "reason"), STREAM_ONLY_BAD_REQUESTS)
+def test_bad_stream_parameters_get_422(server: BackgroundServer, params: dict, parameter: str, reason: str) -> None:
+    response = httpx.get(server.url + "/api/chat/stream", params={"prompt": "hi", **params}, trust_env=False)
+    assert response.status_code == 422
+    assert response.json()["parameter"] == parameter and reason in response.json()["reason"]
+
+
+def test_stream_parameters_are_refused_by_the_buffered_endpoint(server: BackgroundServer) -> None:
+    response = httpx.get(server.url + "/api/chat", params={"prompt": "hi", "fail_after": "2"}, trust_env=False)
+    assert response.status_code == 422 and "only /api/chat/stream" in response.json()["reason"]
+
+
+FAST_STREAM = {"prompt": "hi", "max_tokens": 30, "ttft_ms": 0, "token_ms": 0}
+
+
+def test_the_context_window_ends_a_stream_with_an_error_event(server: BackgroundServer) -> None:
+    received = events(server.url + "/api/chat/stream", **FAST_STREAM, context_window=6)
+    assert [event for event, _, _ in received] == ["token"] * 5 + ["error"]  # "hi" takes 1 of the 6
+    assert received[-1][2]["code"] == "context_length_exceeded"
+
+
+def test_the_content_filter_withholds_the_blocked_token(server: BackgroundServer) -> None:
+    whole = [data["token"] for event, _, data in events(server.url + "/api/chat/stream", **FAST_STREAM)[:-1]]
+    blocked_at = whole.index(" token")
+    received = events(server.url + "/api/chat/stream", **FAST_STREAM, blocklist="TOKEN,nonsense")
+    assert [data["token"] for event, _, data in received[:-1]] == whole[:blocked_at]
+    assert received[-1][0] == "error" and received[-1][2]["code"] == "content_filter"
+
+
+def test_the_blocklist_setting_applies_to_every_stream() -> None:
+    with serve_in_background(create_app(Settings(blocklist=("first",)))) as running:
+        received = events(running.url + "/api/chat/stream", **FAST_STREAM)
+    assert [event for event, _, _ in received] == ["token", "error"]  # "The", then " first" is withheld
+
+
+@pytest.mark.parametrize("fail_after", [0, 1, 7])
+def test_fail_after_makes_the_model_fail_after_that_many_tokens(server: BackgroundServer, fail_after: int) -> None:
+    received = events(server.url + "/api/chat/stream", **FAST_STREAM, fail_after=fail_after)
+    assert [event for event, _, _ in received] == ["token"] * fail_after + ["error"]
+    assert received[-1][2] == {"code": "model_error", "message": f"the model failed after {fail_after} tokens"}
+
+
+def test_a_stream_longer_than_the_wall_clock_cap_ends_with_an_error_event() -> None:
+    with serve_in_background(create_app(Settings(max_stream_s=0.3))) as running:
+        received = events(running.url + "/api/chat/stream", prompt="hi", max_tokens=100, ttft_ms=0, token_ms=50)
+    assert received[-1][0] == "error" and received[-1][2]["code"] == "timeout"
+    assert 1 <= len(received) - 1 < 20  # about 6 tokens in 300 ms, far fewer than 100
+
+
+def test_streams_beyond_the_limit_get_429_with_retry_after() -> None:
+    with serve_in_background(create_app(Settings(max_concurrent_streams=1))) as running:
+        url = running.url + "/api/chat/stream"
+        with httpx.Client(trust_env=False) as client:
+            with client.stream("GET", url, params={"prompt": "hi", "ttft_ms": 30_000}) as first:
+                assert first.status_code == 200
+                refused = client.get(url, params={"prompt": "hi"})
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert refused.json()["error"] == "too_many_streams"
+            wait_for(lambda: stats(running)["streams_active"] == 0, what="the first stream to end")
+            assert client.get(url, params={"prompt": "hi", "max_tokens": 1, "ttft_ms": 0}).status_code == 200
+        assert stats(running)["streams_rejected"] == 1
+
+
+def leave_after(url: str, tokens: int, **params: object) -> None:
+    with httpx.Client(trust_env=False) as client, connect_sse(client, "GET", url, params=params) as source:
+        stream = source.iter_sse()
+        for _ in range(tokens):
+            next(stream)
+
+
+@pytest.mark.parametrize("cancel", [True, False])
+def test_stats_count_streams_and_the_tokens_wasted_on_departed_clients(cancel: bool) -> None:
+    with serve_in_background(create_app(Settings(cancel_on_disconnect=cancel))) as running:
+        url = running.url + "/api/chat/stream"
+        events(url, prompt="hi", max_tokens=5, ttft_ms=0, token_ms=0)
+        events(url, prompt="hi", max_tokens=5, ttft_ms=0, token_ms=0, fail_after=2)
+        leave_after(url, 3, prompt="hi", max_tokens=40, ttft_ms=0, token_ms=10)
+        wait_for(lambda: stats(running)["streams_active"] == 0, what="the abandoned stream to end")
+        counters = stats(running)
+    assert counters["streams_completed"] == 1 and counters["streams_failed"] == 1
+    assert counters["streams_cancelled"] == 1 and counters["streams_rejected"] == 0
+    if cancel:
+        assert counters["tokens_wasted"] == 0
+        assert counters["tokens_generated"] <= 5 + 2 + 3 + 2  # what was in flight when the client left
+    else:  # the model ran on to its 40th token for nobody
+        assert counters["tokens_generated"] == 5 + 2 + 40
+        assert 30 <= counters["tokens_wasted"] <= 40 - 3

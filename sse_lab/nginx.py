@@ -1,0 +1,400 @@
+"""A real nginx in front of the in-kernel server, to measure which proxy settings hold tokens back.
+
+    client (sse_lab.client) ──▶ nginx on 127.0.0.1:P ──────▶ uvicorn on 127.0.0.1:U
+                                (a subprocess, 1 worker)      (serve_in_background's thread)
+          ◀── tokens one by one, or in one lump ◀──────────── one event per token
+
+`ProxyConfig` names the settings people deploy in front of an event stream, and
+`nginx_conf` renders one as a complete nginx.conf (plain text: print it in a
+notebook). `start_nginx` runs nginx on that file from a private temporary
+directory and returns an `NginxProxy` handle; stopping it ends nginx, its
+worker, and deletes the directory. `measure_proxies` streams the same chat
+directly and through each configuration, so the results say which ones stream.
+
+Measured with nginx 1.22 (20 tokens, 25 ms apart): every configuration passes
+the tokens on as they come, except gzip while `X-Accel-Buffering: no` is ignored,
+which delivers the whole answer in one lump at the end. Honoured, that header
+turns buffering off, and unbuffered nginx flushes every read, which makes gzip
+flush too. Buffering alone still passes each read on (it exists so that a slow
+client does not hold up the upstream), but nothing asks gzip to flush, and zlib
+emits nothing until a deflate block fills: more than a whole chat answer.
+Buffering also holds the response headers until the first body bytes, which the
+server's opening `retry:` line sends at once. nginx's HTTP/1.0 to the upstream
+changes nothing: uvicorn still answers chunked, and nginx decodes it.
+
+nginx is a system package, not a Python one: `nginx_or_skip()` lets a notebook
+skip these experiments when it is missing, unless `SSE_LAB_REQUIRE_SYSTEM_PARTS=1`
+(set in CI) makes a missing nginx an error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from tqdm.auto import tqdm
+
+from .client import Param, stream_chat
+from .experiments import DEFAULT_PROMPT
+from .metrics import ChatResult
+
+REQUIRE_SYSTEM_PARTS_ENV = "SSE_LAB_REQUIRE_SYSTEM_PARTS"
+SYSTEM_BINARY_DIR = "/usr/sbin"  # where Debian and Ubuntu put nginx; often not on a user's PATH
+INSTALL_HINT = "apt-get install nginx, or conda install -c conda-forge nginx"
+SKIP_MESSAGE = f"nginx not found: skipping the proxy experiments ({INSTALL_HINT})"
+STOP_TIMEOUT_S = 2.0
+PORT_ATTEMPTS = 5
+DIRECT = "direct"
+# Small enough that a notebook measures every configuration in seconds.
+MEASURE_DEFAULTS: dict[str, Param] = {"max_tokens": 20, "ttft_ms": 100, "token_ms": 25}
+
+_POLL_S = 0.01
+_CONF = "nginx.conf"
+_PID_FILE = "nginx.pid"
+_ERROR_LOG = "error.log"
+_LOG_LINES_IN_ERRORS = 10
+
+
+class NginxNotFoundError(RuntimeError):
+    """No nginx binary on PATH or in /usr/sbin."""
+
+
+class NginxStartError(RuntimeError):
+    """nginx did not start: a bad upstream or config (the message quotes its error log), or a timeout."""
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """The nginx settings, in front of an event stream, that decide whether tokens get through one by one.
+
+    proxy_buffering: on (nginx's default), nginx reads the upstream's response as
+        fast as it comes, into memory and then a temporary file, so that a slow
+        client does not hold the upstream up; an upstream that answers
+        `X-Accel-Buffering: no` (ours does) turns it off for its response. Off,
+        nginx reads from the upstream only as fast as the client takes.
+    gzip: compress event streams (`gzip on; gzip_types text/event-stream;`), as a
+        site does that lists every text type it serves.
+    ignore_accel_buffering: `proxy_ignore_headers X-Accel-Buffering`, which takes
+        the upstream's say over buffering away.
+
+    >>> ProxyConfig(gzip=True, ignore_accel_buffering=True).label
+    'nginx + ignore X-Accel + gzip'
+    >>> print("\\n".join(ProxyConfig(proxy_buffering=False, gzip=True).directives()))
+    proxy_buffering off;
+    gzip on;
+    gzip_types text/event-stream;
+    """
+
+    proxy_buffering: bool = True
+    gzip: bool = False
+    ignore_accel_buffering: bool = False
+
+    @property
+    def label(self) -> str:
+        """A short name for tables and plot legends: 'nginx' alone is nginx's defaults."""
+        parts = ["nginx"]
+        if not self.proxy_buffering:
+            parts.append("buffering off")
+        if self.ignore_accel_buffering:
+            parts.append("ignore X-Accel")
+        if self.gzip:
+            parts.append("gzip")
+        return " + ".join(parts)
+
+    def directives(self) -> list[str]:
+        """What this configuration adds to nginx's defaults, one directive a line; none for the defaults."""
+        lines = []
+        if not self.proxy_buffering:
+            lines.append("proxy_buffering off;")
+        if self.ignore_accel_buffering:
+            lines.append("proxy_ignore_headers X-Accel-Buffering;")
+        if self.gzip:
+            # Two gzip settings that look relevant are not: gzip_min_length is checked
+            # against Content-Length only, which a stream does not have; and gzip_proxied
+            # (default off) only applies to requests carrying a Via header, i.e. ones that
+            # came through another proxy, which the kit's client does not send.
+            lines += ["gzip on;", "gzip_types text/event-stream;"]
+        return lines
+
+
+NGINX_DEFAULTS = ProxyConfig()
+
+
+def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bool = False) -> str:
+    """The complete nginx.conf that proxies 127.0.0.1:`port` to `upstream_url` with `config`.
+
+    Every path in it is relative, so nginx resolves it inside the directory given
+    by `nginx -p`: the pid file and the temporary files (whose defaults under
+    /var/lib/nginx only root may write) stay in the kit's private directory.
+    Errors go to stderr, which `start_nginx` sends to a file in that directory.
+    """
+    location = [f"proxy_pass {_proxy_pass_target(upstream_url)};", *config.directives()]
+    lines = [
+        # As root, nginx runs its workers as `nobody`, who could not enter the private
+        # (0700, root-owned) directory that holds the temporary files. Rather than open
+        # the directory to everyone, the workers stay root: the server only listens on loopback.
+        *(["user root;"] if as_root else []),
+        "worker_processes 1;",
+        "daemon off;",
+        f"pid {_PID_FILE};",
+        "error_log stderr warn;",
+        "events {",
+        "    worker_connections 64;",
+        "}",
+        "http {",
+        "    access_log off;",
+        "    client_body_temp_path client_body_temp;",
+        "    proxy_temp_path proxy_temp;",
+        "    fastcgi_temp_path fastcgi_temp;",
+        "    uwsgi_temp_path uwsgi_temp;",
+        "    scgi_temp_path scgi_temp;",
+        "    server {",
+        f"        listen 127.0.0.1:{port};",
+        "        location / {",
+        *(f"            {line}" for line in location),
+        "        }",
+        "    }",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _proxy_pass_target(upstream_url: str) -> str:
+    """`http://host:port` from the upstream's URL; nginx itself judges the host and the port."""
+    parts = urlsplit(upstream_url)
+    unsafe = set(parts.netloc) & set(" \t\r\n;{}'\"\\$#")
+    if parts.scheme != "http" or not parts.netloc or "@" in parts.netloc or unsafe:
+        raise ValueError(f"the upstream must be http://host:port, got {upstream_url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"the upstream must have no path, query or fragment, got {upstream_url!r}")
+    return f"http://{parts.netloc}"
+
+
+def find_nginx() -> str | None:
+    """The nginx binary: the one on PATH, else /usr/sbin/nginx; None when there is neither."""
+    return shutil.which("nginx") or shutil.which("nginx", path=SYSTEM_BINARY_DIR)
+
+
+def nginx_or_skip() -> str | None:
+    """The nginx binary, or None after printing one line saying the proxy experiments are skipped.
+
+    With SSE_LAB_REQUIRE_SYSTEM_PARTS=1 in the environment (CI sets it) a missing
+    nginx raises NginxNotFoundError instead, so the experiments cannot silently vanish.
+    """
+    binary = find_nginx()
+    if binary is None:
+        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
+            raise NginxNotFoundError(
+                f"nginx is required ({REQUIRE_SYSTEM_PARTS_ENV}=1) but is neither on PATH nor in {SYSTEM_BINARY_DIR}"
+            )
+        print(SKIP_MESSAGE)
+    return binary
+
+
+def nginx_version(binary: str) -> str:
+    """The version nginx reports, like 'nginx/1.22.1': what a measurement was made with."""
+    reported = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10, check=True)
+    return reported.stderr.strip().removeprefix("nginx version: ")
+
+
+class NginxProxy:
+    """Handle on a running nginx: its `url`, the `conf` it runs, and `stop()`.
+
+    nginx also stops when the handle is garbage collected or the interpreter exits,
+    so re-running a notebook cell `proxy = start_nginx(...)` leaves no nginx behind.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], directory: Path, port: int, config: ProxyConfig) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.config = config
+        self.directory = directory  # nginx's prefix: nginx.conf, error.log, temporary files; stop() deletes it
+        self.conf = (directory / _CONF).read_text()
+        self.pid = process.pid  # nginx's master process, leader of its own process group
+        self._process = process
+        self._stop = weakref.finalize(self, _stop_and_remove, process, directory)
+
+    @property
+    def running(self) -> bool:
+        return self._process.poll() is None
+
+    def stop(self) -> None:
+        """Stop nginx and its worker, delete its directory; idempotent."""
+        self._stop()
+
+    def __enter__(self) -> NginxProxy:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<NginxProxy {self.url} {self.config.label!r} {'running' if self.running else 'stopped'}>"
+
+
+def start_nginx(
+    upstream_url: str,
+    config: ProxyConfig = NGINX_DEFAULTS,
+    *,
+    startup_timeout_s: float = 10.0,
+) -> NginxProxy:
+    """Run nginx on a free loopback port in front of `upstream_url`; return once it accepts connections.
+
+    Raises NginxNotFoundError without nginx, ValueError for an upstream that is not
+    http://host:port, and NginxStartError, quoting nginx's error log, when nginx
+    refuses the configuration or does not start in time. Nothing is left behind
+    when it fails: no process, no directory.
+    """
+    binary = find_nginx()
+    if binary is None:
+        raise NginxNotFoundError(f"nginx is neither on PATH nor in {SYSTEM_BINARY_DIR} ({INSTALL_HINT})")
+    _proxy_pass_target(upstream_url)  # refuse a bad URL before anything is created
+    deadline = time.monotonic() + startup_timeout_s
+    directory = Path(tempfile.mkdtemp(prefix="sse-lab-nginx-"))
+    try:
+        # nginx cannot be told to pick a free port: the kit finds one, and tries
+        # another when something else takes it before nginx binds it.
+        for _ in range(PORT_ATTEMPTS):
+            port = _free_port()
+            conf = nginx_conf(config, upstream_url, port, as_root=os.name == "posix" and os.geteuid() == 0)
+            (directory / _CONF).write_text(conf)
+            process = _launch(binary, directory)
+            try:
+                if _wait_until_listening(process, directory, port, deadline, startup_timeout_s):
+                    return NginxProxy(process, directory, port, config)
+            except BaseException:
+                _stop_process(process)
+                raise
+            _stop_process(process)  # the port was taken: try another
+        raise NginxStartError(f"{PORT_ATTEMPTS} free ports in a row were taken before nginx could bind them")
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _launch(binary: str, directory: Path) -> subprocess.Popen[bytes]:
+    with (directory / _ERROR_LOG).open("wb") as error_log:
+        return subprocess.Popen(
+            # -e: nginx opens its built-in error log before reading the config; a user could not write it.
+            [binary, "-p", f"{directory}/", "-c", str(directory / _CONF), "-e", "stderr"],
+            stdin=subprocess.DEVNULL,
+            stdout=error_log,
+            stderr=error_log,
+            start_new_session=True,  # one process group for the master and its worker, to kill both if need be
+        )
+
+
+def _wait_until_listening(
+    process: subprocess.Popen[bytes], directory: Path, port: int, deadline: float, timeout_s: float
+) -> bool:
+    """True once nginx listens on `port`; False when the port was taken; NginxStartError when nginx fails."""
+    while not _listening(process, directory, port):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(_POLL_S)  # the pause between checks, cut short if nginx exits
+        log = _log_tail(directory)
+        if "Address already in use" in log:
+            return False
+        if process.returncode is not None:
+            raise NginxStartError(f"nginx exited with status {process.returncode}:\n{log}")
+        if time.monotonic() > deadline:
+            raise NginxStartError(f"nginx did not accept connections on port {port} within {timeout_s} s:\n{log}")
+    return True
+
+
+def _listening(process: subprocess.Popen[bytes], directory: Path, port: int) -> bool:
+    """nginx writes its pid file once its sockets listen, so a connection then reaches nginx, not an intruder."""
+    if process.poll() is not None:
+        return False
+    try:
+        if (directory / _PID_FILE).read_text().strip() != str(process.pid):
+            return False
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def _log_tail(directory: Path) -> str:
+    text = (directory / _ERROR_LOG).read_text(errors="replace")
+    return "\n".join(text.splitlines()[-_LOG_LINES_IN_ERRORS:])
+
+
+def _stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM is nginx's fast shutdown: open streams are cut, the worker exits, then the master.
+
+    (SIGQUIT, the graceful one, would wait for every open stream to end.)
+    """
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):  # it exited in between
+            os.killpg(process.pid, signal.SIGKILL)  # the master and its worker
+        process.wait()
+
+
+def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
+    _stop_process(process)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def measure_proxies(
+    upstream_url: str,
+    configs: Sequence[ProxyConfig],
+    *,
+    runs: int = 3,
+    prompt: str = DEFAULT_PROMPT,
+    progress: bool = True,
+    **params: Param,
+) -> dict[str, list[ChatResult]]:
+    """Stream the same chat `runs` times directly, then `runs` times through nginx with each config.
+
+    Returns `{"direct": [...], config.label: [...], ...}`. Each configuration gets
+    its own nginx, stopped before the next starts. `params` go to the server
+    (max_tokens, ttft_ms, token_ms, ...) over small defaults: 20 tokens, 100 ms to
+    the first, 25 ms apart.
+    """
+    labels = [DIRECT, *(config.label for config in configs)]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"each configuration must be measured once, got {labels[1:]}")
+    params = {**MEASURE_DEFAULTS, **params}
+    results: dict[str, list[ChatResult]] = {}
+    with tqdm(total=runs * len(labels), desc="direct vs nginx", disable=not progress) as bar:
+        results[DIRECT] = []
+        for _ in range(runs):
+            results[DIRECT].append(stream_chat(upstream_url, prompt, **params))
+            bar.update()
+        for config in configs:
+            bar.set_postfix_str(config.label)
+            with start_nginx(upstream_url, config) as proxy:
+                results[config.label] = []
+                for _ in range(runs):
+                    results[config.label].append(stream_chat(proxy.url, prompt, **params))
+                    bar.update()
+    return results
