@@ -15,12 +15,12 @@ from itertools import product
 from .background import serve_in_background
 from .buffering import WriteBuffer
 from .client import Param, fetch_chat, stream_chat
+from .conformance import load_vectors
 from .faults import DropConnections, IdleTimeout
 from .metrics import ChatResult
 from .nginx import ProxyConfig, nginx_or_skip, start_nginx
 from .server import create_app
 from .sse import decode
-from .wire import load_vectors
 
 
 def _attempted(exercise: str, attempt: Callable[[], object]) -> bool:

@@ -18,10 +18,6 @@ wire is framed: `WireCapture.body_wire` keeps the framing, `WireCapture.body`
 and `WireCapture.body_reads` have it undone. Only loopback hosts are accepted:
 this is a microscope for the kit's own server, not a general HTTP client.
 
-The module also loads tests/data/sse_vectors.json (`load_vectors`) and runs a
-vector through httpx-sse and through `sse_lab.sse.Decoder`, for notebook 02's
-comparison of the two against the standard.
-
     >>> from sse_lab import serve_in_background
     >>> with serve_in_background() as server:
     ...     wire = capture_chat(server.url, "hi", max_tokens=2, ttft_ms=0, token_ms=0)
@@ -34,23 +30,17 @@ comparison of the two against the standard.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit
-
-import httpx
-from httpx_sse import EventSource
 
 from .sse import MEDIA_TYPE, Decoder, Event
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-VECTORS_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "sse_vectors.json"
 DEFAULT_DEADLINE_S = 10.0
 READ_SIZE = 65_536
 
@@ -401,49 +391,3 @@ def describe(event: Event) -> str:
         parts.append(f"retry={event.retry}")
     parts.append(f"data={event.data!r}")
     return " ".join(parts)
-
-
-# The conformance vectors (tests/data/sse_vectors.json) and two parsers to run them through.
-
-
-def load_vectors(path: Path = VECTORS_PATH) -> list[dict[str, Any]]:
-    """The SSE conformance vectors, as a list of dicts.
-
-    Each holds a stream, the events the standard says it holds (`events`) and,
-    where httpx-sse 0.4.3 parses it otherwise, what httpx-sse gives (`httpx_sse`)
-    and why (`httpx_sse_note`). They live in the repository's tests/data, which a checkout (or an editable
-    install) has and a wheel does not.
-    """
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the vectors come with a checkout of the sse-lab repository")
-    vectors: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
-    return vectors
-
-
-def vector_bytes(vector: Mapping[str, Any]) -> bytes:
-    """A vector's stream as bytes, however the vector spells it (text, hex, or hex chunks)."""
-    if "chunks_hex" in vector:
-        return b"".join(bytes.fromhex(chunk) for chunk in vector["chunks_hex"])
-    if "raw_hex" in vector:
-        return bytes.fromhex(vector["raw_hex"])
-    return str(vector["raw"]).encode()
-
-
-def _as_dict(event: Event) -> dict[str, Any]:
-    return {"event": event.event, "data": event.data, "id": event.id, "retry": event.retry}
-
-
-def parse_with_decoder(chunks: Iterable[bytes]) -> list[dict[str, Any]]:
-    """The events `sse_lab.sse.Decoder` makes of a stream fed in these chunks, as the vectors spell them."""
-    decoder = Decoder()
-    events = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.close()
-    return [_as_dict(event) for event in events]
-
-
-def parse_with_httpx_sse(chunks: Iterable[bytes], content_type: str = MEDIA_TYPE) -> list[dict[str, Any]]:
-    """The events httpx-sse makes of a stream fed in these chunks: httpx decodes, `EventSource` parses."""
-    response = httpx.Response(200, headers={"content-type": content_type}, content=iter(list(chunks)))
-    return [
-        {"event": sse.event, "data": sse.data, "id": sse.id, "retry": sse.retry}
-        for sse in EventSource(response).iter_sse()
-    ]

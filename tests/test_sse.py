@@ -1,20 +1,17 @@
 from __future__ import annotations
 
 import codecs
-import json
 import random
 import re
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from httpx_sse import EventSource, ServerSentEvent
+from httpx_sse import ServerSentEvent
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sse_lab.conformance import load_vectors, parse_with_decoder, parse_with_httpx_sse, vector_bytes, vector_chunks
 from sse_lab.sse import MEDIA_TYPE, Decoder, Event, decode, encode_comment, encode_event
 
 
@@ -116,25 +113,14 @@ def test_consecutive_events_stay_apart(payloads: list[str]) -> None:
 # The decoder against conformance vectors written from the WHATWG text and the
 # web-platform-tests eventsource/format-* tests (see each vector's "source").
 
-VECTORS: list[dict[str, Any]] = json.loads(
-    (Path(__file__).parent / "data" / "sse_vectors.json").read_text(encoding="utf-8")
-)
+VECTORS = load_vectors()
 by_name = pytest.mark.parametrize("vector", VECTORS, ids=[vector["name"] for vector in VECTORS])
-
-
-def given_chunks(vector: dict[str, Any]) -> list[bytes]:
-    """The stream as the vector spells it: its own chunks, or one chunk."""
-    if "chunks_hex" in vector:
-        return [bytes.fromhex(chunk) for chunk in vector["chunks_hex"]]
-    if "raw_hex" in vector:
-        return [bytes.fromhex(vector["raw_hex"])]
-    return [vector["raw"].encode()]
 
 
 def chunkings(vector: dict[str, Any]) -> dict[str, list[bytes]]:
     """The same stream split in different ways, all of which must parse alike."""
-    raw = b"".join(given_chunks(vector))
-    splits = {"given": given_chunks(vector), "whole": [raw], "byte by byte": [raw[i : i + 1] for i in range(len(raw))]}
+    raw = vector_bytes(vector)
+    splits = {"given": vector_chunks(vector), "whole": [raw], "byte by byte": [raw[i : i + 1] for i in range(len(raw))]}
     for seed in range(4):
         rng = random.Random(seed)
         cuts = sorted(rng.choices(range(len(raw) + 1), k=rng.randint(1, 8)))  # repeated cuts give empty chunks
@@ -142,19 +128,12 @@ def chunkings(vector: dict[str, Any]) -> dict[str, list[bytes]]:
     return splits
 
 
-def run_decoder(chunks: list[bytes]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def final_state(chunks: list[bytes]) -> dict[str, Any]:
     decoder = Decoder()
-    events = [event for chunk in chunks for event in decoder.feed(chunk)] + decoder.close()
-    return [asdict(event) for event in events], {"last_event_id": decoder.last_event_id, "retry": decoder.retry}
-
-
-def run_httpx_sse(chunks: list[bytes], content_type: str) -> list[dict[str, Any]]:
-    """httpx-sse's own pipeline: httpx decodes the body to text, EventSource.iter_sse splits and parses it."""
-    response = httpx.Response(200, headers={"content-type": content_type}, content=iter(chunks))
-    return [
-        {"event": sse.event, "data": sse.data, "id": sse.id, "retry": sse.retry}
-        for sse in EventSource(response).iter_sse()
-    ]
+    for chunk in chunks:
+        decoder.feed(chunk)
+    decoder.close()
+    return {"last_event_id": decoder.last_event_id, "retry": decoder.retry}
 
 
 def test_vectors_are_well_formed() -> None:
@@ -171,9 +150,8 @@ def test_vectors_are_well_formed() -> None:
 
 @by_name
 def test_vector_parses_alike_however_the_stream_is_split(vector: dict[str, Any]) -> None:
-    expected = (vector["events"], vector["final"])
     for how, chunks in chunkings(vector).items():
-        assert run_decoder(chunks) == expected, how
+        assert (parse_with_decoder(chunks), final_state(chunks)) == (vector["events"], vector["final"]), how
 
 
 @by_name
@@ -181,7 +159,7 @@ def test_httpx_sse_agrees_except_where_the_vector_records_it(vector: dict[str, A
     expected = vector.get("httpx_sse", vector["events"])
     content_type = vector.get("content_type", MEDIA_TYPE)
     for how, chunks in chunkings(vector).items():
-        assert run_httpx_sse(chunks, content_type) == expected, how
+        assert parse_with_httpx_sse(chunks, content_type) == expected, how
 
 
 @pytest.mark.parametrize(
