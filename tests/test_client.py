@@ -182,7 +182,8 @@ def test_a_stream_survives_its_server_being_restarted_on_the_same_port() -> None
 def test_the_client_gives_up_after_max_reconnects_and_keeps_what_it_got() -> None:
     server = serve_in_background(create_app(Settings(retry_ms=10)))
     result = stream_chat(server.url, "hi", on_token=lambda token: server.stop(), max_reconnects=2, **UNINTERRUPTED)
-    assert result.tokens == 1 and result.text == "The"
+    # The tokens already on their way when the server stopped still arrive; the rest never do.
+    assert 1 <= result.tokens < 20 and result.text == "".join(sim_tokens("hi", result.tokens))
     assert result.error is not None and result.error["code"] == "connection_lost"
     assert "gave up after 2 failed reconnection attempts" in result.error["message"]
     assert result.drops[0].attempts == 2 and result.drops[0].resumed_at is None
@@ -201,7 +202,7 @@ def test_a_server_that_refuses_to_resume_ends_the_stream() -> None:
         result = stream_chat(first.url, "hi", on_token=replace_with_an_empty_app, **UNINTERRUPTED)
     finally:
         replaced[0].stop()
-    assert result.tokens == 1 and result.error is not None
+    assert 1 <= result.tokens < 20 and result.error is not None
     assert "refused to resume: HTTP 404" in result.error["message"]
 
 
