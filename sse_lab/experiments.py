@@ -44,7 +44,8 @@ def buffered_vs_streamed(
 
 def fetch_stats(base_url: str) -> dict[str, int]:
     """The server's stream counters (`GET /api/stats`)."""
-    return httpx.get(base_url + "/api/stats", trust_env=False).raise_for_status().json()
+    counters: dict[str, int] = httpx.get(base_url + "/api/stats", trust_env=False).raise_for_status().json()
+    return counters
 
 
 def wait_until_idle(base_url: str, timeout_s: float = 5.0) -> dict[str, int]:

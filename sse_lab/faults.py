@@ -20,7 +20,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 def _is_event_stream(start: Message) -> bool:
-    return dict(start.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+    content_type: bytes = dict(start.get("headers", [])).get(b"content-type", b"")
+    return content_type.startswith(b"text/event-stream")
 
 
 def _end(message: Message) -> Message:

@@ -160,7 +160,7 @@ class MemoryPoint:
 
 def _read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
     """Read a reply chunk by chunk, keeping only its size and tail; return (bytes, seconds)."""
-    params = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": 0}
+    params: dict[str, str | int] = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": 0}
     started = time.perf_counter()
     with client.stream("GET", url, params=params) as response:
         size, tail = 0, b""

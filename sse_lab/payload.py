@@ -262,7 +262,8 @@ def measure_smoothness(base_url: str, per_event: int, *, tokens: int = 64, token
     if tokens <= per_event:
         raise ValueError(f"{tokens} tokens at {per_event} per event make a single event: no gap to measure")
     wire_format = WireFormat("json", per_event)
-    params = {"kind": "json", "per_event": per_event, "max_tokens": tokens, "token_ms": token_ms}
+    params: dict[str, str | float] = {"kind": "json", "per_event": per_event}
+    params.update(max_tokens=tokens, token_ms=token_ms)
     offsets, counts, received = [], [], []
     decoder = Decoder()
     with httpx.Client(trust_env=False) as client:
