@@ -19,9 +19,9 @@ Serve a wrapped app like the plain one, and measure it with the usual client:
     >>> result.e2e - result.ttft < 0.01  # every token in the one final write
     True
 
-`write_buffering` and `compression` run each variant on its own server and return
+`write_buffering` and `compression` serve the variants side by side on one server and return
 `{variant: [ChatResult, ...]}` for `sse_lab.plots` and `sse_lab.metrics`;
-`compressed_sizes` counts the body bytes each compression variant puts on the wire.
+each result's `wire_bytes` is the body as it crossed the wire, compressed or not.
 
 Starlette's own `GZipMiddleware` (1.10) is among the compression variants. By
 default it leaves `text/event-stream` alone: headers and events pass through at
@@ -258,16 +258,3 @@ def compression(
         ttft_ms=ttft_ms,
         token_ms=token_ms,
     )
-
-
-def compressed_sizes(*, tokens: int = 100, prompt: str = DEFAULT_PROMPT) -> dict[str, int]:
-    """Body bytes on the wire for the same answer through each of `COMPRESSION_VARIANTS`.
-
-    The size does not depend on timing, only on where the flushes fall (one per
-    token event), so the answer is generated without waiting.
-    """
-    with _serving({label: make_app() for label, make_app in COMPRESSION_VARIANTS.items()}) as urls:
-        return {
-            label: stream_chat(url, prompt, max_tokens=tokens, ttft_ms=0, token_ms=0).wire_bytes
-            for label, url in urls.items()
-        }

@@ -136,12 +136,14 @@ _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")
 class StreamOptions:
     """How one stream behaves beyond what the model is asked: see `Settings`.
 
-    fail_after: the model raises `InjectedFault` instead of producing token
-    number `fail_after` (None: never).
+    prompt_tokens: what the prompt takes of the context window. fail_after: the
+    model raises `InjectedFault` instead of producing token number `fail_after`
+    (None: never).
     """
 
     heartbeat_s: float
     context_window: int
+    prompt_tokens: int
     blocklist: tuple[str, ...]
     fail_after: int | None = None
 
@@ -256,7 +258,7 @@ def parse_stream_options(request: Request, generation: GenerationRequest, settin
     fail_after = None
     if "fail_after" in query:
         fail_after = int(_Number(int, 0, settings.max_tokens_limit).parse("fail_after", query["fail_after"]))
-    return StreamOptions(heartbeat_s, context_window, blocklist, fail_after)
+    return StreamOptions(heartbeat_s, context_window, in_prompt, blocklist, fail_after)
 
 
 def _finish_reason(tokens: int, request: GenerationRequest) -> str:
@@ -326,7 +328,7 @@ class ChatStream:
         tokens: AsyncIterator[str] = aiter(self.source(generation))
         if options.fail_after is not None:
             tokens = _fail_at(tokens, generation.resume_from, options.fail_after)
-        in_prompt = prompt_tokens(generation.prompt)
+        in_prompt = options.prompt_tokens
         index = generation.resume_from
         try:
             while index < generation.max_tokens:
