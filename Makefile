@@ -27,7 +27,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 
 test: lint
-	$(BIN)/python -m sse_lab.authoring --check
+	$(BIN)/python -m sse_lab.course.authoring --check
 	$(BIN)/pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=120
 
 demo: $(VENV)/.installed-lab
@@ -38,7 +38,7 @@ serve: $(VENV)/.installed-lab
 
 notebooks: $(VENV)/.installed-test
 	$(BIN)/ruff format notebooks/solutions
-	$(BIN)/python -m sse_lab.authoring
+	$(BIN)/python -m sse_lab.course.authoring
 
 format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import FrameType
 
 from .background import ServerStartError, serve_in_background
-from .experiments import buffered_vs_streamed
+from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
 
 

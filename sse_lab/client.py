@@ -321,3 +321,19 @@ async def afetch_chat(
             if response.is_error:
                 raise _refusal(response)
             return _record_body(result, response, on_token)
+
+
+def fetch_stats(base_url: str) -> dict[str, int]:
+    """The server's stream counters (`GET /api/stats`)."""
+    counters: dict[str, int] = httpx.get(base_url + "/api/stats", trust_env=False).raise_for_status().json()
+    return counters
+
+
+def wait_until_idle(base_url: str, timeout_s: float = 5.0) -> dict[str, int]:
+    """Poll the counters until no stream is active; return them. Raises TimeoutError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (stats := fetch_stats(base_url))["streams_active"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"streams still active after {timeout_s} s: {stats}")
+        time.sleep(0.01)
+    return stats

@@ -9,14 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .memory import MemoryPoint
 from .metrics import ChatResult, Spread, ttfts
-from .payload import Smoothness
+
+if TYPE_CHECKING:  # the stack imports no experiment at run time
+    from .experiments.memory import MemoryPoint
+    from .experiments.payload import Smoothness
 
 
 def _axes(ax: Axes | None) -> Axes:

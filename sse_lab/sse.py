@@ -20,7 +20,7 @@ The sending side is `encode_event` and `encode_comment`. The receiving side is
 decoder is incremental because a client feeds it every socket read as it comes,
 and reads split the stream anywhere: inside a line, inside a UTF-8 character,
 between the CR and the LF of one line end. Where a popular parser departs from
-the standard, tests/data/sse_vectors.json records how (httpx-sse, for one,
+the standard, sse_lab/instruments/sse_vectors.json records how (httpx-sse, for one,
 dispatches blocks that carry no data and accepts `retry: -1`).
 """
 

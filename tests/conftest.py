@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 
@@ -7,10 +8,12 @@ import matplotlib
 import pytest
 
 from sse_lab import BackgroundServer, serve_in_background
+from sse_lab.parts.nginx import SKIP_MESSAGE, ProxyConfig, nginx_or_skip
 
 matplotlib.use("Agg")
 
 # Prompts that break naive framing or encoding: every one must survive the trip.
+ALL_PROXY_CONFIGS = [ProxyConfig(*flags) for flags in itertools.product([True, False], repeat=3)]
 NASTY_PROMPTS = ["", " ", "line\nbreak", "cr\ronly", "crlf\r\n", "a: b", "  lead", "nul\0byte", "é 🌊 日本", "\n\n\n"]
 
 
@@ -28,3 +31,12 @@ def wait_for(condition: Callable[[], object], timeout_s: float = 5.0, what: str 
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.005)
+
+
+@pytest.fixture(scope="session")
+def nginx_binary() -> str:
+    """The nginx binary; skips the test without one, unless SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (then it errors)."""
+    binary = nginx_or_skip()
+    if binary is None:
+        pytest.skip(SKIP_MESSAGE)
+    return binary

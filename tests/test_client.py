@@ -25,7 +25,7 @@ from sse_lab import (
     serve_in_background,
     stream_chat,
 )
-from sse_lab.faults import DropConnections
+from sse_lab.instruments.faults import DropConnections
 from sse_lab.model import sim_tokens
 from tests.conftest import wait_for
 

@@ -7,9 +7,9 @@ import pytest
 from matplotlib.collections import PathCollection
 
 from sse_lab import Event, Received, plots
-from sse_lab.memory import MemoryPoint
+from sse_lab.experiments.memory import MemoryPoint
+from sse_lab.experiments.payload import Smoothness
 from sse_lab.metrics import ChatResult, Chunk, Drop
-from sse_lab.payload import Smoothness
 
 
 def run(mode: str, arrivals: list[float]) -> ChatResult:

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_lab.conformance import load_vectors, parse_with_decoder, parse_with_httpx_sse, vector_bytes, vector_chunks
+from sse_lab.instruments.conformance import (
+    load_vectors,
+    parse_with_decoder,
+    parse_with_httpx_sse,
+    vector_bytes,
+    vector_chunks,
+)
 from sse_lab.sse import MEDIA_TYPE, Decoder, Event, decode, encode_comment, encode_event
 
 

@@ -38,17 +38,10 @@ import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
-
-from tqdm.auto import tqdm
-
-from .client import Param, stream_chat
-from .experiments import DEFAULT_PROMPT
-from .metrics import ChatResult
 
 REQUIRE_SYSTEM_PARTS_ENV = "SSE_LAB_REQUIRE_SYSTEM_PARTS"
 SYSTEM_BINARY_DIR = "/usr/sbin"  # where Debian and Ubuntu put nginx; often not on a user's PATH
@@ -56,10 +49,6 @@ INSTALL_HINT = "apt-get install nginx, or conda install -c conda-forge nginx"
 SKIP_MESSAGE = f"nginx not found: skipping the proxy experiments ({INSTALL_HINT})"
 STOP_TIMEOUT_S = 2.0
 PORT_ATTEMPTS = 5
-DIRECT = "direct"
-# Small enough that a notebook measures every configuration in seconds.
-MEASURE_DEFAULTS: dict[str, Param] = {"max_tokens": 20, "ttft_ms": 100, "token_ms": 25}
-
 _POLL_S = 0.01
 _CONF = "nginx.conf"
 _PID_FILE = "nginx.pid"
@@ -362,39 +351,3 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
     _stop_process(process)
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def measure_proxies(
-    upstream_url: str,
-    configs: Sequence[ProxyConfig],
-    *,
-    runs: int = 3,
-    prompt: str = DEFAULT_PROMPT,
-    progress: bool = True,
-    **params: Param,
-) -> dict[str, list[ChatResult]]:
-    """Stream the same chat `runs` times directly, then `runs` times through nginx with each config.
-
-    Returns `{"direct": [...], config.label: [...], ...}`. Each configuration gets
-    its own nginx, stopped before the next starts. `params` go to the server
-    (max_tokens, ttft_ms, token_ms, ...) over small defaults: 20 tokens, 100 ms to
-    the first, 25 ms apart.
-    """
-    labels = [DIRECT, *(config.label for config in configs)]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"each configuration must be measured once, got {labels[1:]}")
-    params = {**MEASURE_DEFAULTS, **params}
-    results: dict[str, list[ChatResult]] = {}
-    with tqdm(total=runs * len(labels), desc="direct vs nginx", disable=not progress) as bar:
-        results[DIRECT] = []
-        for _ in range(runs):
-            results[DIRECT].append(stream_chat(upstream_url, prompt, **params))
-            bar.update()
-        for config in configs:
-            bar.set_postfix_str(config.label)
-            with start_nginx(upstream_url, config) as proxy:
-                results[config.label] = []
-                for _ in range(runs):
-                    results[config.label].append(stream_chat(proxy.url, prompt, **params))
-                    bar.update()
-    return results

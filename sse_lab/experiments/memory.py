@@ -6,7 +6,7 @@ streamed reply is a faucet: each token is encoded, written and forgotten, so the
 server holds a constant amount whatever the length.
 
 The server under test runs in a child Python process of its own (`server_process`,
-started as `python -m sse_lab.memory`), so that the numbers are the server's
+started as `python -m sse_lab.experiments.memory`), so that the numbers are the server's
 alone: the client that reads the reply, the notebook's kernel and its plots live
 in another process. Each measurement gets a fresh process, so that no earlier
 reply has left its pages behind.
@@ -44,9 +44,9 @@ from typing import IO
 import httpx
 from tqdm.auto import tqdm
 
-from .background import serve_in_background
-from .client import BUFFERED_PATH, STREAM_PATH
-from .server import Settings, create_app
+from ..background import serve_in_background
+from ..client import BUFFERED_PATH, STREAM_PATH
+from ..server import Settings, create_app
 
 MODES = {"buffered": BUFFERED_PATH, "streamed": STREAM_PATH}
 PROMPT = "How much memory does a long answer cost?"
@@ -122,7 +122,7 @@ def server_process(max_tokens_limit: int, *, startup_timeout_s: float = 30.0) ->
     measurement. Should this process die first, the child sees its stdin close and
     exits: it never outlives its parent.
     """
-    command = [sys.executable, "-m", "sse_lab.memory", "--max-tokens-limit", str(max_tokens_limit)]
+    command = [sys.executable, "-m", "sse_lab.experiments.memory", "--max-tokens-limit", str(max_tokens_limit)]
     with (
         tempfile.TemporaryFile() as stderr,
         # Run from the directory holding this package, so the child serves this very code.
@@ -222,9 +222,9 @@ def _serve_until_stdin_closes(max_tokens_limit: int, stdin: IO[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The child's entry point: `python -m sse_lab.memory --max-tokens-limit N`."""
+    """The child's entry point: `python -m sse_lab.experiments.memory --max-tokens-limit N`."""
     description = "Serve the chat app on 127.0.0.1, a free port; print its URL once ready; stop when stdin closes."
-    parser = argparse.ArgumentParser(prog="python -m sse_lab.memory", description=description)
+    parser = argparse.ArgumentParser(prog="python -m sse_lab.experiments.memory", description=description)
     parser.add_argument("--max-tokens-limit", type=int, required=True, help="the largest max_tokens to allow")
     args = parser.parse_args(argv)
     _serve_until_stdin_closes(args.max_tokens_limit, sys.stdin.buffer)

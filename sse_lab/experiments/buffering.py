@@ -42,11 +42,11 @@ from starlette.routing import Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tqdm.auto import tqdm
 
-from .background import serve_in_background
-from .client import Param, stream_chat
-from .experiments import DEFAULT_PROMPT
-from .metrics import ChatResult
-from .server import create_app
+from ..background import serve_in_background
+from ..client import Param, stream_chat
+from ..metrics import ChatResult
+from ..server import create_app
+from . import DEFAULT_PROMPT
 
 
 class WriteBuffer:
@@ -258,3 +258,36 @@ def compression(
         ttft_ms=ttft_ms,
         token_ms=token_ms,
     )
+
+
+WHOLE_BODY = 1 << 40  # a read size no response reaches: the read returns at the end of the body
+
+
+def client_reads(
+    base_url: str,
+    chunk_sizes: Sequence[int | None] = (None, 1024, 4096, WHOLE_BODY),
+    *,
+    runs: int = 2,
+    prompt: str = DEFAULT_PROMPT,
+    progress: bool = True,
+    **params: Param,
+) -> dict[str, list[ChatResult]]:
+    """The same stream read as bytes come (None), in reads that wait for `chunk_size` bytes, or whole.
+
+    A client that reads in fixed sizes (`iter_bytes(chunk_size=...)`, a
+    `read(4096)` loop) holds tokens that have already arrived until its read fills.
+    """
+    labels = {size: _read_label(size) for size in chunk_sizes}
+    results: dict[str, list[ChatResult]] = {label: [] for label in labels.values()}
+    for _ in tqdm(range(runs), desc="client reads", disable=not progress):
+        for size, label in labels.items():
+            results[label].append(stream_chat(base_url, prompt, chunk_size=size, **params))
+    return results
+
+
+def _read_label(chunk_size: int | None) -> str:
+    if chunk_size is None:
+        return "as bytes come"
+    if chunk_size == WHOLE_BODY:
+        return "whole body"
+    return f"reads of {chunk_size} B"

@@ -3,7 +3,7 @@
 `notebooks/solutions/NAME.ipynb` is the source. In its code cells, lines between
 `# BEGIN SOLUTION` and `# END SOLUTION` are the answer; the students' copy
 `notebooks/NAME.ipynb` has them replaced by `raise NotImplementedError`, and no
-outputs. Run `python -m sse_lab.authoring` after editing a solution notebook;
+outputs. Run `python -m sse_lab.course.authoring` after editing a solution notebook;
 `--check` only reports notebooks that are out of date (the tests run it).
 """
 
@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 _SOLUTION = re.compile(r"^([ \t]*)# BEGIN SOLUTION\n.*?^[ \t]*# END SOLUTION$", re.MULTILINE | re.DOTALL)
 
@@ -60,7 +60,7 @@ def sync(notebooks: Path = NOTEBOOKS, *, check: bool = False) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sse_lab.authoring", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sse_lab.course.authoring", description=__doc__)
     parser.add_argument("--check", action="store_true", help="only report notebooks that are out of date")
     args = parser.parse_args(argv)
     stale = sync(check=args.check)

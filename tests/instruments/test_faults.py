@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 
 from sse_lab import Settings, create_app, serve_in_background, stream_chat
-from sse_lab.faults import DropConnections, IdleTimeout, SlowLink
+from sse_lab.instruments.faults import DropConnections, IdleTimeout, SlowLink
 from sse_lab.sse import decode
 
 PARAMS = {"prompt": "hi", "max_tokens": 10, "ttft_ms": 0, "token_ms": 0}

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import gc
-import itertools
 import os
 import re
 import socket
@@ -17,38 +16,22 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from sse_lab import BackgroundServer, serve_in_background, stream_chat
-from sse_lab import nginx as nginx_module
-from sse_lab.metrics import ChatResult
-from sse_lab.nginx import (
-    DIRECT,
+from sse_lab.parts import nginx as nginx_module
+from sse_lab.parts.nginx import (
     REQUIRE_SYSTEM_PARTS_ENV,
     SKIP_MESSAGE,
     NginxNotFoundError,
     NginxStartError,
     ProxyConfig,
     find_nginx,
-    measure_proxies,
     nginx_conf,
     nginx_or_skip,
     nginx_version,
     start_nginx,
 )
-from tests.conftest import wait_for
+from tests.conftest import ALL_PROXY_CONFIGS, wait_for
 
 UPSTREAM = "http://127.0.0.1:8000"
-ALL_CONFIGS = [ProxyConfig(*flags) for flags in itertools.product([True, False], repeat=3)]
-# What nginx 1.22 measured: only gzip with the upstream's X-Accel-Buffering ignored holds the tokens back.
-HOLDS_TOKENS_BACK = {ProxyConfig(gzip=True, ignore_accel_buffering=True)}
-TOKENS, TOKEN_MS = 6, 40  # 200 ms from the first token to the last
-
-
-@pytest.fixture(scope="module")
-def nginx_binary() -> str:
-    """The nginx binary; skips the test without one, unless SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (then it errors)."""
-    binary = nginx_or_skip()
-    if binary is None:
-        pytest.skip(SKIP_MESSAGE)
-    return binary
 
 
 def nginx_processes() -> set[int]:
@@ -79,12 +62,6 @@ def alive(pid: int) -> bool:
 
 def nginx_directories() -> set[Path]:
     return set(Path(tempfile.gettempdir()).glob("sse-lab-nginx-*"))
-
-
-def spread(result: ChatResult) -> float:
-    """From the first token's arrival to the last's: about 0 when they came in one lump."""
-    assert result.ttft is not None and result.e2e is not None
-    return result.e2e - result.ttft
 
 
 # The rendered configuration
@@ -161,8 +138,8 @@ def test_an_upstream_that_is_not_http_host_port_is_refused(upstream: str) -> Non
 
 
 def test_every_combination_has_its_own_label() -> None:
-    labels = [config.label for config in ALL_CONFIGS]
-    assert len(set(labels)) == len(labels) and DIRECT not in labels
+    labels = [config.label for config in ALL_PROXY_CONFIGS]
+    assert len(set(labels)) == len(labels)
     assert ProxyConfig().label == "nginx"
 
 
@@ -194,11 +171,6 @@ def test_without_nginx_a_run_that_requires_it_fails(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv(REQUIRE_SYSTEM_PARTS_ENV, "1")
     with pytest.raises(NginxNotFoundError, match=f"nginx is required \\({REQUIRE_SYSTEM_PARTS_ENV}=1\\)"):
         nginx_or_skip()
-
-
-def test_measuring_a_configuration_twice_is_refused() -> None:
-    with pytest.raises(ValueError, match="once"):
-        measure_proxies(UPSTREAM, [ProxyConfig(), ProxyConfig()], progress=False)
 
 
 # A real nginx
@@ -305,35 +277,3 @@ def test_the_gzip_option_compresses_the_stream(
         response = httpx.get(proxy.url + "/api/chat/stream", params=params, trust_env=False)
     assert response.headers.get("content-encoding") == encoding
     assert response.text.count("event: token") == 2
-
-
-# What each configuration does to the tokens, measured in one run
-
-
-@pytest.fixture(scope="module")
-def measured(nginx_binary: str, server: BackgroundServer) -> dict[str, list[ChatResult]]:
-    """Every configuration, and the direct stream, measured once in the same run."""
-    return measure_proxies(
-        server.url, ALL_CONFIGS, runs=1, progress=False, max_tokens=TOKENS, ttft_ms=0, token_ms=TOKEN_MS
-    )
-
-
-def test_measure_proxies_runs_direct_then_each_configuration(measured: dict[str, list[ChatResult]]) -> None:
-    assert list(measured) == [DIRECT, *(config.label for config in ALL_CONFIGS)]
-    assert all(len(runs) == 1 for runs in measured.values())
-    assert len({run.text for runs in measured.values() for run in runs}) == 1
-
-
-@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda config: config.label)
-def test_what_each_configuration_does_to_the_tokens(measured: dict[str, list[ChatResult]], config: ProxyConfig) -> None:
-    (direct,) = measured[DIRECT]
-    (proxied,) = measured[config.label]
-    assert proxied.tokens == direct.tokens == TOKENS
-    if config in HOLDS_TOKENS_BACK:
-        # in one lump at the end: the wait for the first token is the wait for the last
-        assert spread(proxied) < 0.2 * spread(direct)
-        assert proxied.ttft is not None and direct.ttft is not None
-        assert proxied.ttft > direct.ttft + 0.5 * spread(direct)
-    else:
-        # spread out like the direct stream
-        assert spread(proxied) > 0.5 * spread(direct)

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sse_lab.memory import server_process, tank_vs_faucet
+from sse_lab.experiments.memory import server_process, tank_vs_faucet
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the measurement needs Linux's /proc")
 
@@ -59,7 +59,7 @@ def test_server_process_serves_then_is_reaped_even_when_the_caller_fails() -> No
 
 def test_the_server_process_exits_by_itself_when_its_parent_goes() -> None:
     # A parent that dies closes the child's stdin: that alone must end the child, cleanly.
-    command = [sys.executable, "-m", "sse_lab.memory", "--max-tokens-limit", "10"]
+    command = [sys.executable, "-m", "sse_lab.experiments.memory", "--max-tokens-limit", "10"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as child:
         try:
             assert child.stdout is not None and child.stdin is not None and child.stderr is not None

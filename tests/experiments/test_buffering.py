@@ -14,11 +14,13 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sse_lab import ChatResult, GenerationRequest, create_app, encode_event, serve_in_background
-from sse_lab.buffering import (
+from sse_lab import BackgroundServer, ChatResult, GenerationRequest, create_app, encode_event, serve_in_background
+from sse_lab.experiments.buffering import (
     COMPRESSION_VARIANTS,
+    WHOLE_BODY,
     Gzip,
     WriteBuffer,
+    client_reads,
     compression,
     write_buffering,
 )
@@ -335,3 +337,15 @@ def test_a_client_that_leaves_a_held_stream_stops_generation(wrap: Wrap) -> None
         with httpx.stream("GET", server.url + "/api/chat/stream", params=params, trust_env=False) as response:
             assert response.status_code == 200  # headers out; every token held back
         wait_for(endless.closed.is_set, what="the model to be shut")
+
+
+def test_client_reads_that_wait_for_a_size_hold_tokens_that_have_arrived(server: BackgroundServer) -> None:
+    runs = client_reads(
+        server.url, (None, 1024, WHOLE_BODY), runs=1, progress=False, max_tokens=40, ttft_ms=0, token_ms=10
+    )
+    assert list(runs) == ["as bytes come", "reads of 1024 B", "whole body"]
+    (direct,), (kib,), (whole,) = runs.values()
+    assert direct.text == kib.text == whole.text
+    assert len(set(direct.arrivals)) > 30  # tokens one by one
+    assert len(set(kib.arrivals)) < 10  # about 18 tokens per 1 KiB read
+    assert len(set(whole.arrivals)) == 1 and whole.ttft > 0.3  # everything at the end of a 390 ms stream

@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sse_lab import BackgroundServer, serve_in_background
-from sse_lab.model import sim_tokens
-from sse_lab.payload import (
+from sse_lab.experiments.payload import (
     FORMATS,
     STREAM_PATH,
     WireFormat,
@@ -18,6 +17,7 @@ from sse_lab.payload import (
     payload_cost,
     round_trip,
 )
+from sse_lab.model import sim_tokens
 from tests.conftest import NASTY_PROMPTS
 
 TOKENS = ["Hi", " é", "\n"]  # 2 + 3 + 1 = 6 bytes of UTF-8

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from sse_lab import serve_in_background, stream_chat
-from sse_lab.nagle import (
+from sse_lab.experiments.nagle import (
     NAGLE_LABEL,
     NODELAY_LABEL,
     NagleSummary,

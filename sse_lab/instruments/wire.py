@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import urlencode, urlsplit
 
-from .sse import MEDIA_TYPE, Decoder, Event
+from ..sse import MEDIA_TYPE, Decoder, Event
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEFAULT_DEADLINE_S = 10.0

@@ -33,10 +33,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tqdm.auto import tqdm
 
-from .background import serve_in_background
-from .model import GenerationRequest, sim, sim_tokens
-from .server import EventStreamResponse
-from .sse import Decoder, Event, decode, encode_event
+from ..background import serve_in_background
+from ..model import GenerationRequest, sim, sim_tokens
+from ..server import EventStreamResponse
+from ..sse import Decoder, Event, decode, encode_event
 
 KINDS = ("json", "text")
 PROMPT = "What does each token cost on the wire?"

@@ -12,15 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import product
 
-from .background import serve_in_background
-from .buffering import WriteBuffer
-from .client import Param, fetch_chat, stream_chat
-from .conformance import load_vectors
-from .faults import DropConnections, IdleTimeout
-from .metrics import ChatResult
-from .nginx import ProxyConfig, nginx_or_skip, start_nginx
-from .server import create_app
-from .sse import decode
+from ..background import serve_in_background
+from ..client import Param, fetch_chat, stream_chat
+from ..experiments.buffering import WriteBuffer
+from ..instruments.conformance import load_vectors
+from ..instruments.faults import DropConnections, IdleTimeout
+from ..metrics import ChatResult
+from ..parts.nginx import ProxyConfig, nginx_or_skip, start_nginx
+from ..server import create_app
+from ..sse import decode
 
 
 def _attempted(exercise: str, attempt: Callable[[], object]) -> bool:

@@ -1,27 +1,13 @@
 from __future__ import annotations
 
 from sse_lab import BackgroundServer
-from sse_lab.experiments import (
-    WHOLE_BODY,
-    buffered_vs_streamed,
-    client_reads,
+from sse_lab.client import fetch_stats, wait_until_idle
+from sse_lab.experiments.edge_cases import (
     disconnect_waste,
     dropped_and_resumed,
-    fetch_stats,
     heartbeats_through_an_idle_timeout,
     read_then_leave,
-    wait_until_idle,
 )
-
-
-def test_buffered_vs_streamed_runs_both_with_the_same_settings(server: BackgroundServer) -> None:
-    runs = buffered_vs_streamed(server.url, runs=3, progress=False, max_tokens=10, ttft_ms=20, token_ms=30)
-    assert list(runs) == ["streamed", "buffered"]
-    assert [len(results) for results in runs.values()] == [3, 3]
-    texts = {result.text for results in runs.values() for result in results}
-    assert len(texts) == 1  # one deterministic reply, whichever way it travelled
-    for streamed, buffered in zip(runs["streamed"], runs["buffered"], strict=True):
-        assert buffered.ttft > 3 * streamed.ttft
 
 
 def test_read_then_leave_reads_that_many_tokens_and_the_stream_is_cancelled(server: BackgroundServer) -> None:
@@ -48,15 +34,3 @@ def test_heartbeats_keep_a_stream_alive_through_an_idle_timeout() -> None:
     silent, kept_alive = runs.values()
     assert silent.tokens == 0 and silent.error is not None
     assert kept_alive.tokens == 3 and kept_alive.error is None
-
-
-def test_client_reads_that_wait_for_a_size_hold_tokens_that_have_arrived(server: BackgroundServer) -> None:
-    runs = client_reads(
-        server.url, (None, 1024, WHOLE_BODY), runs=1, progress=False, max_tokens=40, ttft_ms=0, token_ms=10
-    )
-    assert list(runs) == ["as bytes come", "reads of 1024 B", "whole body"]
-    (direct,), (kib,), (whole,) = runs.values()
-    assert direct.text == kib.text == whole.text
-    assert len(set(direct.arrivals)) > 30  # tokens one by one
-    assert len(set(kib.arrivals)) < 10  # about 18 tokens per 1 KiB read
-    assert len(set(whole.arrivals)) == 1 and whole.ttft > 0.3  # everything at the end of a 390 ms stream

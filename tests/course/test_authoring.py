@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sse_lab.authoring import NOTEBOOKS, exercise_notebook, strip_solutions, sync
+from sse_lab.course.authoring import NOTEBOOKS, exercise_notebook, strip_solutions, sync
 
 SOLVED = """def answer() -> int:
     # BEGIN SOLUTION

@@ -1,6 +1,6 @@
 """Conformance vectors for event-stream parsers, and the two parsers the kit runs them through.
 
-tests/data/sse_vectors.json holds streams written from the WHATWG HTML standard
+`sse_vectors.json`, package data beside this module, holds streams written from the WHATWG HTML standard
 ("Parsing an event stream", "Interpreting an event stream") and the
 web-platform-tests `eventsource/format-*` tests: each with the events the
 standard says it holds, and, where httpx-sse parses it otherwise, what httpx-sse
@@ -23,9 +23,9 @@ from typing import Any
 import httpx
 from httpx_sse import EventSource
 
-from .sse import MEDIA_TYPE, Decoder, Event
+from ..sse import MEDIA_TYPE, Decoder, Event
 
-VECTORS_PATH = Path(__file__).resolve().parent.parent / "tests" / "data" / "sse_vectors.json"
+VECTORS_PATH = Path(__file__).resolve().parent / "sse_vectors.json"
 
 
 def load_vectors(path: Path = VECTORS_PATH) -> list[dict[str, Any]]:
@@ -33,11 +33,8 @@ def load_vectors(path: Path = VECTORS_PATH) -> list[dict[str, Any]]:
 
     Each holds a stream, the events the standard says it holds (`events`) and,
     where httpx-sse 0.4.3 parses it otherwise, what httpx-sse gives (`httpx_sse`)
-    and why (`httpx_sse_note`). They live in the repository's tests/data, which a checkout (or an editable
-    install) has and a wheel does not.
+    and why (`httpx_sse_note`). They ship inside the package, so a wheel install has them too.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: the vectors come with a checkout of the sse-lab repository")
     vectors: list[dict[str, Any]] = json.loads(path.read_text(encoding="utf-8"))
     return vectors
 

@@ -6,7 +6,7 @@ from itertools import groupby
 import pytest
 
 from sse_lab import BackgroundServer, stream_chat
-from sse_lab.exercises import (
+from sse_lab.course.exercises import (
     check_buffered_ttft,
     check_frame,
     check_heartbeat_interval,
@@ -17,7 +17,7 @@ from sse_lab.exercises import (
     check_tpot,
 )
 from sse_lab.metrics import ChatResult
-from sse_lab.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
+from sse_lab.parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,14 @@ import httpx
 import pytest
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background
-from sse_lab.sse import Event, decode
-from sse_lab.wire import (
+from sse_lab.instruments.wire import (
     Read,
     WireCapture,
     capture,
     capture_chat,
     format_wire,
 )
+from sse_lab.sse import Event, decode
 
 QUICK = {"max_tokens": 3, "ttft_ms": 0, "token_ms": 0}
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"

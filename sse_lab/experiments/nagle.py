@@ -76,10 +76,10 @@ from urllib.parse import parse_qs, urlsplit
 
 from tqdm.auto import tqdm
 
-from .background import BackgroundServer, _by_address
-from .client import STREAM_PATH, stream_chat
-from .metrics import ChatResult
-from .sse import MEDIA_TYPE, encode_event
+from ..background import BackgroundServer, _by_address
+from ..client import STREAM_PATH, stream_chat
+from ..metrics import ChatResult
+from ..sse import MEDIA_TYPE, encode_event
 
 NODELAY_LABEL = "TCP_NODELAY on (asyncio's default)"
 NAGLE_LABEL = "Nagle on"

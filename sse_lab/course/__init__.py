@@ -1,0 +1,1 @@
+"""The course machinery: exercise checkers the notebooks call, and the authoring of students' notebooks."""

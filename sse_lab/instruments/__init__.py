@@ -1,0 +1,1 @@
+"""The instruments experiments measure with: raw wire capture, fault-injecting wrappers, conformance vectors."""
