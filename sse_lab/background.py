@@ -89,6 +89,7 @@ class _ServerThread:
             log_config=None,  # leave the kernel's logging alone
             log_level="warning",
             access_log=False,
+            ws="websockets-sansio",  # uvicorn's legacy "websockets" implementation is deprecated
             timeout_graceful_shutdown=STOP_TIMEOUT_S / 2,
         )
         self.server = uvicorn.Server(config)
