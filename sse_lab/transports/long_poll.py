@@ -22,9 +22,10 @@ What a client can make the server hold, and its limit (`PollLimits`):
   shared with SSE and WebSocket streams): beyond them, 429;
 - a generation nobody polls for `idle_s` is abandoned: its model is stopped and it
   counts as cancelled, tokens produced after the client left as wasted;
-- a finished generation is forgotten `idle_s` after its last poll (then 404), and at
-  most `max_held` generations are held, running or finished (the oldest finished
-  one is forgotten first; with none finished, 429);
+- a finished generation is forgotten `idle_s` after its last poll (then 422 on `id`),
+  and at most `max_held` generations are held, running or finished (twice
+  `max_concurrent_streams` unless set; the oldest finished one is forgotten first;
+  with none finished, 429);
 - a poll waits at most `max_wait_s`, and at most `max_waiting_polls` polls wait on
   one generation at a time (more: 429);
 - its tokens: at most max_tokens, which the server's own limit bounds.
@@ -38,13 +39,16 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..metrics import ChatResult
 from ..model import TokenSource
 from ..server import InvalidParameter, Settings, StreamStats, _Number, cancel_on_disconnect
 from .generation import Done, Failed, Token, TokenRun, parse_chat, take_slot
@@ -60,7 +64,7 @@ class PollLimits:
 
     max_wait_s: float = 30.0
     idle_s: float = 30.0
-    max_held: int = 64
+    max_held: int | None = None  # None: twice the app's max_concurrent_streams
     max_waiting_polls: int = 2
 
 
@@ -178,11 +182,12 @@ def long_poll_routes(
 ) -> list[Route]:
     """`GET` and `DELETE /api/chat/poll` for an app whose limits, models and counters are these."""
     limits = limits or PollLimits()
+    max_held = 2 * settings.max_concurrent_streams if limits.max_held is None else limits.max_held
     held: dict[str, PolledGeneration] = {}
 
     def start(params: Mapping[str, str]) -> tuple[str, PolledGeneration]:
         source, generation, options = parse_chat(params, settings, models, path=PATH)
-        if len(held) >= limits.max_held:
+        if len(held) >= max_held:
             finished = [key for key, polled in held.items() if polled.end is not None]
             if not finished:
                 raise _TooManyPolls(f"the server holds {len(held)} generations, its limit")
@@ -243,3 +248,32 @@ def long_poll_routes(
 
 def _too_many(reason: str) -> Response:
     return JSONResponse({"error": "too_many_streams", "reason": reason}, status_code=429, headers={"Retry-After": "1"})
+
+
+def poll_chat(
+    base_url: str, prompt: str, *, wait_s: float = DEFAULT_WAIT_S, timeout_s: float = 60.0, **params: object
+) -> ChatResult:
+    """Long-poll a chat over one keep-alive connection, as a browser's fetch loop would; record each token's arrival.
+
+    Each poll asks for the tokens after those received (`after`) and waits up to
+    `wait_s` for one; the tokens a poll brings arrive together, when its response has been read.
+    """
+    query = {"prompt": prompt, "wait_s": wait_s, **params}
+    with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+        result = ChatResult(mode="long_poll", started_at=time.perf_counter())
+        while True:
+            response = client.get(base_url + PATH, params=query)
+            arrived = time.perf_counter()
+            body = response.json()
+            if response.status_code != 200:
+                result.error = body
+                break
+            result.arrivals += [arrived] * len(body["tokens"])
+            result.text += "".join(token["token"] for token in body["tokens"])
+            if body["done"] or body["error"]:
+                result.finish_reason = (body["done"] or {}).get("finish_reason")
+                result.error = body["error"]
+                break
+            query = {"id": body["id"], "after": body["next"], "wait_s": wait_s}
+        result.finished_at = time.perf_counter()
+    return result

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Mapping
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.sync.client import connect
 
+from ..metrics import ChatResult
 from ..model import TokenSource
 from ..server import InvalidParameter, Settings, StreamStats, TooManyStreams
 from .generation import Done, Failed, Message, Token, TokenRun, parse_chat, take_slot
@@ -146,3 +149,50 @@ async def _stream(websocket: WebSocket, run: TokenRun, max_stream_s: float) -> N
         await asyncio.wait((sending, listening))
         await messages.aclose()
         run.end()
+
+
+def websocket_url(base_url: str) -> str:
+    """The `/ws/chat` URL of a server at `base_url`.
+
+    >>> websocket_url("http://127.0.0.1:8000")
+    'ws://127.0.0.1:8000/ws/chat'
+    """
+    return "ws" + base_url.removeprefix("http") + PATH
+
+
+def ws_chat(
+    base_url: str,
+    prompt: str,
+    *,
+    cancel_after: int | None = None,
+    deflate: bool = True,
+    timeout_s: float = 30.0,
+    **params: object,
+) -> ChatResult:
+    """Chat over `/ws/chat` on a fresh connection and record when each token arrived.
+
+    The clock starts before the TCP connection and the Upgrade handshake, as
+    `stream_chat`'s does. `cancel_after=N` sends `{"type": "cancel"}` once N tokens
+    have arrived. `deflate` offers permessage-deflate, as browsers do; uvicorn accepts it.
+    """
+    result = ChatResult(mode="websocket", started_at=time.perf_counter())
+    with connect(
+        websocket_url(base_url), proxy=None, compression="deflate" if deflate else None, open_timeout=timeout_s
+    ) as websocket:
+        result.headers_at = time.perf_counter()  # the Upgrade handshake is done
+        websocket.send(_text({"prompt": prompt, **params}))
+        while True:
+            message = json.loads(websocket.recv(timeout_s))
+            if message["type"] == "token":
+                result.arrivals.append(time.perf_counter())
+                result.text += message["token"]
+                if cancel_after is not None and result.tokens == cancel_after:
+                    websocket.send(_text({"type": "cancel"}))
+            else:
+                if message["type"] == "done":
+                    result.finish_reason = message["finish_reason"]
+                else:
+                    result.error = message
+                break
+        result.finished_at = time.perf_counter()
+    return result
