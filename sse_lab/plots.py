@@ -174,3 +174,32 @@ def coalescing(measured: Sequence[Smoothness], ax: Axes | None = None) -> Axes:
     ax.set_title("Coalescing: the same tokens in fewer, bigger steps")
     ax.legend()
     return ax
+
+
+# Notebook 09: the transports side by side.
+
+
+def transport_bars(panels: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> Figure:
+    """One bar chart per measure (`panels`: title -> value per transport), y axis in `units[title]`.
+
+    Each transport keeps its colour across the panels; the legend is in the first.
+    """
+    transports = list(dict.fromkeys(name for values in panels.values() for name in values))
+    colours = {name: f"C{index}" for index, name in enumerate(transports)}
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items(), strict=True):
+        names = list(values)
+        ax.bar(range(len(names)), list(values.values()), color=[colours[name] for name in names], label=names)
+        ax.set_xticks(range(len(names)), [str(transports.index(name) + 1) for name in names])
+        ax.set_title(title)
+        ax.set_xlabel("transport")
+        ax.set_ylabel(units[title])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in transports]
+    figure.legend(
+        handles,
+        [f"{index + 1}: {name}" for index, name in enumerate(transports)],
+        loc="lower center",
+        ncols=len(transports),
+    )
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    return figure

@@ -36,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -51,7 +51,7 @@ from websockets.sync.client import connect as ws_connect_sync
 
 from ..background import serve_in_background
 from ..client import STREAM_PATH, fetch_chat, stream_chat
-from ..instruments.relay import relay_to
+from ..instruments.relay import ByteCount, relay_to
 from ..metrics import ChatResult
 from ..model import GenerationRequest, sim
 from ..parts.nginx import ProxyConfig, start_nginx
@@ -135,6 +135,22 @@ class WireCost:
     down: int  # server to client, the longer chat
 
 
+def wire_totals(transport: str, endpoints: Endpoints, counts: Sequence[int], **params: Any) -> list[ByteCount]:
+    """The bytes crossing a counting relay for one chat of each token count in `counts`, over `transport`."""
+    http, grpc_address = urlsplit(endpoints.http_url), endpoints.grpc_target.rsplit(":", 1)
+    upstream = (grpc_address[0], int(grpc_address[1])) if transport == "grpc" else (str(http.hostname), http.port)
+    totals = []
+    with relay_to(upstream[0], int(upstream[1])) as relay:
+        relayed = Endpoints(relay.url, relay.target)
+        for count in counts:
+            relay.reset()
+            result = chat(transport, relayed, max_tokens=count, **params)
+            if result.tokens != count:
+                raise RuntimeError(f"{transport}: {result.tokens} tokens of {count}, error {result.error}")
+            totals.append(_settled(relay.totals))
+    return totals
+
+
 def measure_wire(
     endpoints: Endpoints,
     *,
@@ -144,20 +160,10 @@ def measure_wire(
 ) -> dict[str, WireCost]:
     """What each transport puts on the wire for a chat of n1 and of n2 tokens; see the module docstring."""
     costs = {}
-    http, grpc_address = urlsplit(endpoints.http_url), endpoints.grpc_target.rsplit(":", 1)
     for transport in transports:
-        upstream = (grpc_address[0], int(grpc_address[1])) if transport == "grpc" else (http.hostname, http.port)
-        totals = []
-        with relay_to(str(upstream[0]), int(upstream[1])) as relay:
-            relayed = Endpoints(relay.url, relay.target)
-            for count in tokens:
-                relay.reset()
-                result = chat(transport, relayed, max_tokens=count, **params)
-                if result.tokens != count:
-                    raise RuntimeError(f"{transport}: {result.tokens} tokens of {count}, error {result.error}")
-                totals.append(_settled(relay.totals))
-        per_token = (totals[1].total - totals[0].total) / (tokens[1] - tokens[0])
-        costs[transport] = WireCost(per_token, totals[0].total - tokens[0] * per_token, totals[1].up, totals[1].down)
+        short, long = wire_totals(transport, endpoints, tokens, **params)
+        per_token = (long.total - short.total) / (tokens[1] - tokens[0])
+        costs[transport] = WireCost(per_token, short.total - tokens[0] * per_token, long.up, long.down)
     return costs
 
 
@@ -272,6 +278,35 @@ def measure_cancellation(*, runs: int = 3, after: int = 3, token_ms: float = 20.
     return delays
 
 
+def comparison_table(
+    latency: dict[str, list[ChatResult]],
+    wire: dict[str, WireCost],
+    setup: dict[str, list[float]],
+    cpu: dict[str, CpuCost],
+    memory: dict[str, float],
+) -> str:
+    """The notebook's summary, one row per transport: medians of TTFT, ITL and set-up, and the costs.
+
+    >>> print(comparison_table({}, {}, {}, {}, {}).splitlines()[0].split())  # doctest: +NORMALIZE_WHITESPACE
+    ['transport', 'TTFT', 'ms', 'ITL', 'ms', 'bytes/token', 'fixed', 'B', 'set-up', 'ms', 'CPU', 'µs/token', 'KiB/conn']
+    """
+    columns = ["TTFT ms", "ITL ms", "bytes/token", "fixed B", "set-up ms", "CPU µs/token", "KiB/conn"]
+    lines = [f"{'transport':<22}" + "".join(f"{column:>14}" for column in columns)]
+    for transport in dict.fromkeys([*latency, *wire, *setup, *cpu, *memory]):
+        runs = latency.get(transport, [])
+        cells = [
+            median_ms([run.ttft for run in runs if run.ttft is not None]) if runs else None,
+            median_ms([gap for run in runs for gap in run.itl]) if runs else None,
+            wire[transport].per_token if transport in wire else None,
+            wire[transport].fixed if transport in wire else None,
+            median_ms(setup[transport]) if transport in setup else None,
+            1e6 * cpu[transport].per_token if transport in cpu else None,
+            memory[transport] / 1024 if transport in memory else None,
+        ]
+        lines.append(f"{transport:<22}" + "".join(f"{'-' if cell is None else f'{cell:.1f}':>14}" for cell in cells))
+    return "\n".join(lines)
+
+
 class TransportServer:
     """Handle on the transports served from a child process (see `transport_server`): endpoints, CPU and memory."""
 
@@ -349,29 +384,47 @@ def _read_endpoints(process: subprocess.Popen[bytes], stderr: IO[bytes], timeout
         ) from None
 
 
+@dataclass(frozen=True)
+class CpuCost:
+    """Server CPU of one chat: `per_token` seconds, and `per_message` seconds per message that carried tokens.
+
+    A message is an SSE event, a WebSocket message, a gRPC message: one token each.
+    A long poll's answer carries every token produced since the last poll: one when
+    the client keeps up, several when it falls behind (a loaded machine), which makes
+    long polling cheaper per token and lumpier.
+    """
+
+    per_token: float
+    per_message: float
+    messages: int
+
+
 def measure_cpu(
     *, tokens: int = 300, token_ms: float = 3.0, transports: tuple[str, ...] = TRANSPORTS
-) -> dict[str, float]:
-    """Server CPU seconds per token for each transport, and for the buffered endpoint as a baseline.
+) -> dict[str, CpuCost]:
+    """Server CPU per token for each transport, and for the buffered endpoint as a baseline (its one message).
 
     The tokens are paced (`token_ms`) so that each long poll carries about one
     token, as it would with a real model; the model's own pacing costs the same
     under every transport, and the buffered baseline shows how much that is.
     """
     params = {"max_tokens": tokens, "ttft_ms": 0, "token_ms": token_ms}
-    cpu: dict[str, float] = {}
+    cpu: dict[str, CpuCost] = {}
     with transport_server() as server:
         for transport in transports:  # first use: imports, buffers, the gRPC channel machinery
             chat(transport, server.endpoints, max_tokens=5, ttft_ms=0, token_ms=0)
         before = server.cpu_seconds()
         fetch_chat(server.endpoints.http_url, PROMPT, **params)
-        cpu[BASELINE] = (server.cpu_seconds() - before) / tokens
+        spent = server.cpu_seconds() - before
+        cpu[BASELINE] = CpuCost(spent / tokens, spent, 1)
         for transport in transports:
             before = server.cpu_seconds()
             result = chat(transport, server.endpoints, **params)
-            cpu[transport] = (server.cpu_seconds() - before) / tokens
+            spent = server.cpu_seconds() - before
             if result.tokens != tokens:
                 raise RuntimeError(f"{transport}: {result.tokens} tokens of {tokens}, error {result.error}")
+            messages = len(result.lumps) if transport == "long_poll" else tokens
+            cpu[transport] = CpuCost(spent / tokens, spent / messages, messages)
     return cpu
 
 
@@ -399,44 +452,77 @@ HOLD = {"prompt": PROMPT, "ttft_ms": 60_000}  # a stream that waits on its prefi
 async def _hold(transport: str, server: TransportServer, connections: int) -> int:
     """Open `connections` streams over `transport`, return the server's resident bytes with them all open."""
     endpoints = server.endpoints
+    http = urlsplit(endpoints.http_url)
     async with contextlib.AsyncExitStack() as stack:
-        if transport == "sse":
-            http = urlsplit(endpoints.http_url)
-            request = f"GET {STREAM_PATH}?{urlencode(HOLD)} HTTP/1.1\r\nHost: {http.netloc}\r\n\r\n".encode()
-            for _ in range(connections):
-                _, writer = await asyncio.open_connection(http.hostname, http.port)
-                stack.callback(writer.close)
-                writer.write(request)
-        elif transport in ("websocket", WS_NO_DEFLATE):
-            compression = "deflate" if transport == "websocket" else None
-            for _ in range(connections):
-                url = websocket_url(endpoints.http_url)
-                websocket = await stack.enter_async_context(ws_connect(url, proxy=None, compression=compression))
-                await websocket.send(json.dumps(HOLD))
-        elif transport == "grpc":
-            for _ in range(connections):
-                channel = await stack.enter_async_context(
-                    grpc.aio.insecure_channel(endpoints.grpc_target, options=CLIENT_OPTIONS)
-                )
-                call = chat_pb2_grpc.ChatStub(channel).Stream(chat_request(**HOLD))  # type: ignore[arg-type]
-                stack.callback(call.cancel)
-        elif transport == "long_poll":
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(trust_env=False, timeout=60, limits=httpx.Limits(max_connections=None))
+
+        async def sse() -> None:
+            _, writer = await asyncio.open_connection(http.hostname, http.port)
+            stack.callback(writer.close)
+            writer.write(f"GET {STREAM_PATH}?{urlencode(HOLD)} HTTP/1.1\r\nHost: {http.netloc}\r\n\r\n".encode())
+
+        async def websocket(compression: str | None) -> None:
+            url = websocket_url(endpoints.http_url)
+            opened = await stack.enter_async_context(ws_connect(url, proxy=None, compression=compression))
+            await opened.send(json.dumps(HOLD))
+
+        async def grpc_call() -> None:
+            channel = await stack.enter_async_context(
+                grpc.aio.insecure_channel(endpoints.grpc_target, options=CLIENT_OPTIONS)
             )
-            url = endpoints.http_url + POLL_PATH
-            firsts = await asyncio.gather(*(client.get(url, params={**HOLD, "wait_s": 0}) for _ in range(connections)))
-            ids = [first.json()["id"] for first in firsts]
-            waiting = [asyncio.ensure_future(client.get(url, params={"id": id_, "wait_s": 30})) for id_ in ids]
-            stack.push_async_callback(asyncio.gather, *(client.delete(url, params={"id": id_}) for id_ in ids))
-            stack.callback(lambda: [poll.cancel() for poll in waiting])
+            call = chat_pb2_grpc.ChatStub(channel).Stream(chat_request(**HOLD))  # type: ignore[arg-type]
+            stack.callback(call.cancel)
+
+        polls: list[str] = []
+
+        async def long_poll() -> None:
+            reader, writer = await asyncio.open_connection(http.hostname, http.port)
+            stack.callback(writer.close)
+            first = await _exchange(reader, writer, http.netloc, {**HOLD, "wait_s": 0})
+            polls.append(first["id"])
+            writer.write(_request(http.netloc, {"id": first["id"], "wait_s": 30}))  # held: nothing comes back
+
+        async def cancel_polls() -> None:
+            await asyncio.gather(*(_cancel_poll(http.hostname, http.port, http.netloc, id_) for id_ in polls))
+
+        opener = {
+            "sse": sse,
+            "websocket": lambda: websocket("deflate"),
+            WS_NO_DEFLATE: lambda: websocket(None),
+            "grpc": grpc_call,
+            "long_poll": long_poll,
+        }[transport]
+        stack.push_async_callback(cancel_polls)
+        await asyncio.gather(*(opener() for _ in range(connections)))
         await asyncio.to_thread(server.wait_active, transport, connections)
-        if transport == "long_poll":
-            await asyncio.sleep(0.2)  # the polls' own requests are in flight; nothing to wait on from outside
         return server.resident_bytes()
 
 
-def measure_memory(*, connections: int = 200, transports: tuple[str, ...] = TRANSPORTS) -> dict[str, float]:
+def _request(host: str, params: dict[str, Any], method: str = "GET") -> bytes:
+    return f"{method} {POLL_PATH}?{urlencode(params)} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, params: dict[str, Any], method: str = "GET"
+) -> dict[str, Any]:
+    """One request on a raw keep-alive connection; its JSON answer (uvicorn sends a Content-Length)."""
+    writer.write(_request(host, params, method))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    answer: dict[str, Any] = json.loads(await reader.readexactly(length))
+    return answer
+
+
+async def _cancel_poll(hostname: str | None, port: int | None, host: str, generation_id: str) -> None:
+    reader, writer = await asyncio.open_connection(hostname, port)
+    try:
+        await _exchange(reader, writer, host, {"id": generation_id}, "DELETE")
+    finally:
+        writer.close()
+
+
+def measure_memory(
+    *, connections: int = 200, transports: tuple[str, ...] = (*TRANSPORTS, WS_NO_DEFLATE)
+) -> dict[str, float]:
     """Server memory (bytes) per open stream for each transport, `connections` streams held at once.
 
     Each transport gets a fresh server process, warmed up by a few streams, so that
