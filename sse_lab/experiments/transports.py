@@ -768,9 +768,14 @@ class ResumeCost:
         return self.resuming_lines - self.plain_lines
 
 
-def measure_resume(*, tokens: int = 12, drop_after: int = 5) -> list[ResumeCost]:
-    """Count each client's lines, then drop each resuming client's first connection after `drop_after` tokens."""
-    params = {"max_tokens": tokens, "ttft_ms": 0, "token_ms": 10}
+def measure_resume(*, tokens: int = 10, drop_after: int = 5, token_ms: float = 25.0) -> list[ResumeCost]:
+    """Count each client's lines, then drop each resuming client's first connection after `drop_after` tokens.
+
+    `regenerated` counts the tokens the server produced beyond the answer: those
+    asked for again, and those in flight when the connection dropped (at most
+    one or two, with tokens `token_ms` apart, for a server that notices at once).
+    """
+    params = {"max_tokens": tokens, "ttft_ms": 0, "token_ms": token_ms}
     costs = []
     for transport, (plain, resuming) in CLIENTS.items():
         with serve_transports() as endpoints:
