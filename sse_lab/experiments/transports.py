@@ -29,7 +29,10 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +47,10 @@ from urllib.parse import urlencode, urlsplit
 
 import grpc
 import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.routing import Mount, Route
 from tqdm.auto import tqdm
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
@@ -54,7 +61,7 @@ from ..client import STREAM_PATH, fetch_chat, stream_chat
 from ..instruments.relay import ByteCount, relay_to
 from ..metrics import ChatResult
 from ..model import GenerationRequest, sim
-from ..parts.nginx import ProxyConfig, start_nginx
+from ..parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, start_nginx
 from ..server import Settings, create_app
 from ..transports import chat_pb2_grpc
 from ..transports.grpc_stream import CLIENT_OPTIONS, chat_request, grpc_chat, serve_grpc_in_background
@@ -796,3 +803,110 @@ def _generated(transport: str, endpoints: Endpoints) -> int:
         return endpoints.grpc_stats()["tokens_generated"]
     counters: dict[str, int] = httpx.get(endpoints.http_url + "/api/stats", trust_env=False).json()
     return counters["tokens_generated"]
+
+
+# From the browser: a small test page run by a headless Chromium (the kit's browser part,
+# parts/chromium.py, is another branch's; this needs nothing but the chromium binary).
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_SKIP_MESSAGE = "chromium not found: skipping the browser part (apt-get install chromium)"
+BROWSER_TIMEOUT_S = 30.0
+_BROWSER_PAGE = """<!doctype html>
+<meta charset="utf-8"><title>transports</title>
+<script>
+const query = "prompt=hi&max_tokens=5&ttft_ms=0&token_ms=10";
+const report = (results) => fetch("/browser/results", {method: "POST", body: JSON.stringify(results)});
+
+function sse() {
+  return new Promise((resolve) => {
+    const source = new EventSource("/api/chat/stream?" + query);
+    let tokens = 0;
+    source.addEventListener("token", () => tokens++);
+    source.addEventListener("done", () => { source.close(); resolve({tokens, error: null}); });
+    source.onerror = () => { source.close(); resolve({tokens, error: "EventSource error"}); };
+  });
+}
+
+function websocket() {
+  return new Promise((resolve) => {
+    const socket = new WebSocket(`ws://${location.host}/ws/chat`);
+    let tokens = 0;
+    socket.onopen = () => socket.send(JSON.stringify({prompt: "hi", max_tokens: 5, ttft_ms: 0, token_ms: 10}));
+    socket.onmessage = (message) => { if (JSON.parse(message.data).type === "token") tokens++; };
+    socket.onclose = (close) => resolve({tokens, error: close.code === 1000 ? null : `close ${close.code}`});
+  });
+}
+
+async function grpc() {
+  // A gRPC call as a page could try it: POST to the method's path. The request field 1 is "hi".
+  const message = new Uint8Array([0, 0, 0, 0, 4, 10, 2, 104, 105]);
+  try {
+    const response = await fetch("GRPC_URL/sse_lab.chat.Chat/Stream", {
+      method: "POST", headers: {"content-type": "application/grpc", "te": "trailers"}, body: message});
+    return {tokens: 0, error: `HTTP ${response.status}`};
+  } catch (failure) {
+    return {tokens: 0, error: `${failure.name}: ${failure.message}`};
+  }
+}
+
+(async () => report({sse: await sse(), websocket: await websocket(), grpc: await grpc()}))();
+</script>
+"""
+
+
+def chromium_or_skip() -> str | None:
+    """The chromium binary, or None after printing one line (an error with SSE_LAB_REQUIRE_SYSTEM_PARTS=1)."""
+    binary = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
+    if binary is None:
+        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
+            raise RuntimeError(f"chromium is required ({REQUIRE_SYSTEM_PARTS_ENV}=1) but not found")
+        print(CHROMIUM_SKIP_MESSAGE)
+    return binary
+
+
+def from_the_browser(binary: str) -> dict[str, dict[str, Any]]:
+    """Open a test page in a headless Chromium: SSE (EventSource), WebSocket, and a gRPC call with fetch.
+
+    Returns, per transport, the tokens the page received and the error it saw
+    (None when it worked). The browser runs with a fresh profile in a temporary
+    directory, and is killed (its process group) and the directory removed whatever happens.
+    """
+    reported: dict[str, Any] = {}
+    arrived = threading.Event()
+    with serve_grpc_in_background() as grpc_server:
+
+        async def page(request: Request) -> Response:
+            html = _BROWSER_PAGE.replace("GRPC_URL", f"http://{grpc_server.target}")
+            return HTMLResponse(html)
+
+        async def results(request: Request) -> Response:
+            reported.update(json.loads(await request.body()))
+            arrived.set()
+            return Response(status_code=204)
+
+        routes = [Route("/browser", page), Route("/browser/results", results, methods=["POST"])]
+        app = Starlette(routes=[*routes, Mount("", app=create_app())])
+        with serve_in_background(app) as server, tempfile.TemporaryDirectory(prefix="sse-lab-chromium-") as profile:
+            command = [binary, *_CHROMIUM_ARGS, f"--user-data-dir={profile}", server.url + "/browser"]
+            browser = subprocess.Popen(
+                command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            )
+            try:
+                if not arrived.wait(BROWSER_TIMEOUT_S):
+                    raise TimeoutError(f"the browser reported nothing within {BROWSER_TIMEOUT_S} s")
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(browser.pid, signal.SIGKILL)
+                browser.wait()
+    return reported
+
+
+_CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",  # as root in a container
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)

@@ -65,3 +65,13 @@ def test_cpu_and_memory_come_from_a_child_server_process() -> None:
     assert all(cost.per_token > 0 for cost in cpu.values()) and cpu["sse"].messages == 20
     memory = transports.measure_memory(connections=10, transports=("sse", "grpc"))
     assert set(memory) == {"sse", "grpc"} and all(size < 1024 * 1024 for size in memory.values())
+
+
+def test_a_browser_streams_sse_and_websocket_natively_and_cannot_call_grpc() -> None:
+    binary = transports.chromium_or_skip()
+    if binary is None:
+        pytest.skip(transports.CHROMIUM_SKIP_MESSAGE)
+    browser = transports.from_the_browser(binary)
+    assert browser["sse"] == {"tokens": 5, "error": None}
+    assert browser["websocket"] == {"tokens": 5, "error": None}
+    assert browser["grpc"]["tokens"] == 0 and browser["grpc"]["error"]
