@@ -198,14 +198,17 @@ def grpc_chat(target: str, prompt: str, *, timeout_s: float = 30.0, **params: ob
     """Stream a chat over a fresh channel (its own connection) and record when each token arrived.
 
     The clock starts before the channel connects, as `stream_chat`'s does before
-    its TCP connection: TTFT includes the set-up. A call that ends in an error
-    status records it in `result.error` (`{"code": "ABORTED", "message": ...}` plus trailing metadata).
+    its TCP connection: TTFT includes the set-up. `headers_at` is when the
+    response's initial metadata came (grpc.aio sends it with the first token). A
+    call that ends in an error status records it in `result.error`
+    (`{"code": "ABORTED", "message": ...}` plus the trailing metadata).
     """
     result = ChatResult(mode="grpc", started_at=time.perf_counter())
     with grpc.insecure_channel(target, options=CLIENT_OPTIONS) as channel:
         call = chat_pb2_grpc.ChatStub(channel).Stream(chat_request(prompt, **params), timeout=timeout_s)
-        result.headers_at = 0.0
         try:
+            call.initial_metadata()  # the response's HEADERS frame: grpc.aio sends it with the first message
+            result.headers_at = time.perf_counter()
             for token in call:
                 result.arrivals.append(time.perf_counter())
                 result.text += token.token

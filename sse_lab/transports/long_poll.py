@@ -38,6 +38,7 @@ are validated as on the SSE endpoint, with the same 422 body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -240,7 +241,8 @@ def long_poll_routes(
             raise InvalidParameter("id", "required")
         polled = find(query)
         polled.cancel()
-        await asyncio.wait_for(polled.stopped.wait(), 1.0)  # the model stops at its next await
+        with contextlib.suppress(asyncio.TimeoutError):  # answer anyway: the model stops at its next await
+            await asyncio.wait_for(polled.stopped.wait(), 1.0)
         return JSONResponse(polled.answer(query["id"], len(polled.tokens)))
 
     return [Route(PATH, poll, methods=["GET"]), Route(PATH, cancel, methods=["DELETE"])]
@@ -264,6 +266,7 @@ def poll_chat(
         while True:
             response = client.get(base_url + PATH, params=query)
             arrived = time.perf_counter()
+            result.headers_at = result.headers_at or arrived  # the first poll's answer
             body = response.json()
             if response.status_code != 200:
                 result.error = body

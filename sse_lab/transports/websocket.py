@@ -27,12 +27,14 @@ A client that leaves stops the model the same way, as on the SSE endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Mapping
 
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from ..metrics import ChatResult
@@ -49,6 +51,14 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 def _text(payload: Mapping[str, object]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _last_words(websocket: WebSocket, payload: Mapping[str, object] | None, code: int) -> None:
+    """Send a final message (if any) and close; a client that already left only makes this a no-op."""
+    with contextlib.suppress(OSError, WebSocketDisconnect):  # uvicorn's ClientDisconnected is an OSError
+        if payload is not None:
+            await websocket.send_text(_text(payload))
+        await websocket.close(code)
 
 
 def message_payload(message: Message) -> dict[str, object]:
@@ -96,13 +106,12 @@ def websocket_route(settings: Settings, models: Mapping[str, TokenSource], stats
             take_slot(settings, stats)
         except InvalidParameter as invalid:
             error = {"type": "error", "code": "invalid_parameter", "parameter": invalid.parameter}
-            await websocket.send_text(_text({**error, "reason": invalid.reason}))
-            await websocket.close(CLOSE_POLICY_VIOLATION)
+            await _last_words(websocket, {**error, "reason": invalid.reason}, CLOSE_POLICY_VIOLATION)
             return
         except TooManyStreams:
             reason = f"all {settings.max_concurrent_streams} stream slots are taken; try again shortly"
-            await websocket.send_text(_text({"type": "error", "code": "too_many_streams", "message": reason}))
-            await websocket.close(CLOSE_TRY_AGAIN_LATER)
+            error = {"type": "error", "code": "too_many_streams", "message": reason}
+            await _last_words(websocket, error, CLOSE_TRY_AGAIN_LATER)
             return
         await _stream(websocket, TokenRun(source, generation, options, stats), settings.max_stream_s)
 
@@ -129,8 +138,7 @@ async def _stream(websocket: WebSocket, run: TokenRun, max_stream_s: float) -> N
             sending.cancel()
             await asyncio.wait((sending,))
             if not run.client_gone:  # a message while streaming: the client asked to stop
-                await websocket.send_text(_text(message_payload(Done("cancelled", sent))))
-                await websocket.close(CLOSE_NORMAL)
+                await _last_words(websocket, message_payload(Done("cancelled", sent)), CLOSE_NORMAL)
             return
         listening.cancel()
         try:
@@ -138,11 +146,12 @@ async def _stream(websocket: WebSocket, run: TokenRun, max_stream_s: float) -> N
         except asyncio.TimeoutError:
             run.outcome = "failed"
             limit = f"the stream ran longer than the limit of {max_stream_s:g} s"
-            await websocket.send_text(_text(message_payload(Failed("timeout", limit))))
+            await _last_words(websocket, message_payload(Failed("timeout", limit)), CLOSE_NORMAL)
+            return
         except (OSError, WebSocketDisconnect):  # the client went away while we were writing
             run.client_gone = True
             return
-        await websocket.close(CLOSE_NORMAL)
+        await _last_words(websocket, None, CLOSE_NORMAL)
     finally:
         for task in (sending, listening):
             task.cancel()
@@ -195,4 +204,6 @@ def ws_chat(
                     result.error = message
                 break
         result.finished_at = time.perf_counter()
+        with contextlib.suppress(ConnectionClosed):  # the server closes after its last message
+            websocket.recv(timeout_s)
     return result

@@ -54,7 +54,8 @@ def test_a_model_failure_after_the_start_is_aborted_with_its_error_code() -> Non
 
     with serve_grpc_in_background(models={"failing": failing}) as running:
         result = grpc_chat(running.target, "hi", model="failing")
-        assert running.stats()["streams_failed"] == 1
+        # the status reaches the client before the handler has unwound and counted it
+        wait_for(lambda: running.stats()["streams_failed"] == 1, what="the failed stream to be counted")
     assert result.text == "one" and result.error is not None
     assert result.error["code"] == "ABORTED" and result.error["error-code"] == "model_error"
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import warnings
 from collections.abc import Iterator
@@ -164,3 +165,17 @@ def test_stopping_the_server_with_a_websocket_open_is_quick_and_quiet() -> None:
         with pytest.raises(ConnectionClosed):
             websocket.recv(5)
         assert websocket.close_code == 1012  # service restart
+
+
+def test_a_client_that_closes_as_soon_as_done_arrives_causes_no_server_traceback(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        for _ in range(20):  # the client's close races the server's: both orders must be quiet
+            with open_chat(server, prompt="hi", max_tokens=2, ttft_ms=0, token_ms=0) as websocket:
+                while json.loads(websocket.recv(5))["type"] == "token":
+                    pass
+        wait_for(lambda: stats(server)["streams_active"] == 0, what="the streams to end")
+        # a round trip more, so that a late close on the server side has been handled
+        assert ws_chat(server.url, "hi", max_tokens=1, ttft_ms=0).finish_reason == "length"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
