@@ -195,11 +195,8 @@ def transport_bars(panels: Mapping[str, Mapping[str, float]], units: Mapping[str
         ax.set_xlabel("transport")
         ax.set_ylabel(units[title])
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in transports]
-    figure.legend(
-        handles,
-        [f"{index + 1}: {name}" for index, name in enumerate(transports)],
-        loc="lower center",
-        ncols=len(transports),
-    )
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    labels = [f"{index + 1}: {name}" for index, name in enumerate(transports)]
+    rows = -(-len(transports) // 3)
+    figure.legend(handles, labels, loc="lower center", ncols=min(3, len(transports)), frameon=False)
+    figure.tight_layout(rect=(0, 0.07 * rows + 0.02, 1, 1))
     return figure
