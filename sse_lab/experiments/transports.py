@@ -199,6 +199,30 @@ def measure_setup(
     return times
 
 
+def measure_handshake(endpoints: Endpoints) -> dict[str, ByteCount]:
+    """Bytes each way to make a connection ready for its first request, TCP's own handshake aside.
+
+    SSE and long polling: none, the request is the first thing sent. WebSocket: the
+    HTTP Upgrade request and its 101 answer (with and without permessage-deflate
+    offered). gRPC: HTTP/2's connection preface, both SETTINGS frames and their
+    acknowledgements, a WINDOW_UPDATE (`channel_ready_future` returns once the channel is up).
+    """
+    http, (grpc_host, grpc_port) = urlsplit(endpoints.http_url), endpoints.grpc_target.rsplit(":", 1)
+    handshakes = {"sse": ByteCount(0, 0, 0), "long_poll": ByteCount(0, 0, 0)}
+    for name, compression in (("websocket", "deflate"), (WS_NO_DEFLATE, None)):
+        with relay_to(str(http.hostname), int(http.port or 80)) as relay:
+            url = websocket_url(relay.url)
+            with ws_connect_sync(url, proxy=None, compression=compression):  # returns once the 101 is read
+                handshakes[name] = _settled(relay.totals)
+    with (
+        relay_to(grpc_host, int(grpc_port)) as relay,
+        grpc.insecure_channel(relay.target, options=CLIENT_OPTIONS) as channel,
+    ):
+        grpc.channel_ready_future(channel).result(timeout=10)
+        handshakes["grpc"] = _settled(relay.totals)
+    return handshakes
+
+
 class StopWatch:
     """A token source (`sim`) that notes when each generation's generator is closed: the model has stopped."""
 
@@ -291,21 +315,23 @@ def comparison_table(
     setup: dict[str, list[float]],
     cpu: dict[str, CpuCost],
     memory: dict[str, float],
+    handshake: dict[str, ByteCount],
 ) -> str:
     """The notebook's summary, one row per transport: medians of TTFT, ITL and set-up, and the costs.
 
-    >>> print(comparison_table({}, {}, {}, {}, {}).splitlines()[0].split())  # doctest: +NORMALIZE_WHITESPACE
-    ['transport', 'TTFT', 'ms', 'ITL', 'ms', 'bytes/token', 'fixed', 'B', 'set-up', 'ms', 'CPU', 'µs/token', 'KiB/conn']
+    >>> comparison_table({}, {}, {}, {}, {}, {}).split()[:6]
+    ['transport', 'TTFT', 'ms', 'ITL', 'ms', 'bytes/token']
     """
-    columns = ["TTFT ms", "ITL ms", "bytes/token", "fixed B", "set-up ms", "CPU µs/token", "KiB/conn"]
+    columns = ["TTFT ms", "ITL ms", "bytes/token", "fixed B", "handshake B", "set-up ms", "CPU µs/token", "KiB/conn"]
     lines = [f"{'transport':<22}" + "".join(f"{column:>14}" for column in columns)]
-    for transport in dict.fromkeys([*latency, *wire, *setup, *cpu, *memory]):
+    for transport in dict.fromkeys([*latency, *wire, *handshake, *setup, *cpu, *memory]):
         runs = latency.get(transport, [])
         cells = [
             median_ms([run.ttft for run in runs if run.ttft is not None]) if runs else None,
             median_ms([gap for run in runs for gap in run.itl]) if runs else None,
             wire[transport].per_token if transport in wire else None,
             wire[transport].fixed if transport in wire else None,
+            handshake[transport].total if transport in handshake else None,
             median_ms(setup[transport]) if transport in setup else None,
             1e6 * cpu[transport].per_token if transport in cpu else None,
             memory[transport] / 1024 if transport in memory else None,
@@ -591,13 +617,14 @@ class ProxyOutcome:
 def through_nginx(*, tokens: int = 10) -> list[ProxyOutcome]:
     """Each transport through the nginx configurations that make or break it.
 
-    SSE with nginx's defaults; WebSocket without and with `proxy_http_version 1.1`
+    SSE with nginx's defaults and with buffering off; WebSocket without and with `proxy_http_version 1.1`
     and the Upgrade/Connection headers; gRPC through `proxy_pass` (HTTP/1.1 to
     the upstream) and through `grpc_pass` with HTTP/2 on the listening side.
     """
     params = {"max_tokens": tokens, "ttft_ms": 0, "token_ms": 5}
     cases = [
         ("sse", ProxyConfig()),
+        ("sse", ProxyConfig(proxy_buffering=False)),
         ("websocket", ProxyConfig()),
         ("websocket", ProxyConfig(websocket_upgrade=True)),
         ("grpc", ProxyConfig()),

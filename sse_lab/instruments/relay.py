@@ -52,6 +52,8 @@ class CountingRelay:
         self._started = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._open: set[asyncio.StreamWriter] = set()
+        self._relaying: set[asyncio.Task[None]] = set()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), name="sse-lab-relay", daemon=True)
 
     @property
@@ -87,24 +89,31 @@ class CountingRelay:
         except OSError:
             pass
         finally:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, RuntimeError):  # the other side is already closed
                 writer.write_eof() if writer.can_write_eof() else writer.close()
 
     async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        relaying = asyncio.current_task()
+        assert relaying is not None
+        self._relaying.add(relaying)
         with self._lock:
             self._connections += 1
+        writers = [client_writer]
+        self._open.add(client_writer)
         try:
             server_reader, server_writer = await asyncio.open_connection(*self.upstream)
-        except OSError:
-            client_writer.close()
-            return
-        try:
+            writers.append(server_writer)
+            self._open.add(server_writer)
             await asyncio.gather(
                 self._pump(client_reader, server_writer, "up"), self._pump(server_reader, client_writer, "down")
             )
+        except OSError:
+            pass  # the upstream refused: the client sees its connection close
         finally:
-            for writer in (client_writer, server_writer):
+            for writer in writers:
                 writer.close()
+                self._open.discard(writer)
+            self._relaying.discard(relaying)
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -114,6 +123,11 @@ class CountingRelay:
         self._started.set()
         async with server:
             await self._stopping.wait()
+            # Connections still open end now, and their tasks finish rather than being cancelled at exit.
+            for writer in list(self._open):
+                writer.close()
+            if self._relaying:
+                await asyncio.wait(self._relaying, timeout=STOP_TIMEOUT_S / 2)
 
     def start(self) -> None:
         self._thread.start()

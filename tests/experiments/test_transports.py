@@ -75,3 +75,10 @@ def test_a_browser_streams_sse_and_websocket_natively_and_cannot_call_grpc() -> 
     assert browser["sse"] == {"tokens": 5, "error": None}
     assert browser["websocket"] == {"tokens": 5, "error": None}
     assert browser["grpc"]["tokens"] == 0 and browser["grpc"]["error"]
+
+
+def test_handshakes_are_counted_before_the_first_request(endpoints: Endpoints) -> None:
+    handshake = transports.measure_handshake(endpoints)
+    assert handshake["sse"].total == 0 and handshake["long_poll"].total == 0
+    assert handshake["websocket"].up > 100 and handshake["websocket"].down > 100  # Upgrade request and 101
+    assert handshake["grpc"].up >= 24 + 9  # at least the connection preface and a SETTINGS frame header

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import socket
 
 import httpx
@@ -41,3 +42,15 @@ def test_the_relay_listens_on_loopback_and_stops() -> None:
         address = (relay.host, relay.port)
     with pytest.raises(OSError), socket.create_connection(address, timeout=1):
         pass
+
+
+def test_stopping_the_relay_with_a_connection_open_logs_no_error(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="asyncio"), socket.create_server(("127.0.0.1", 0)) as upstream:
+        with relay_to(*upstream.getsockname()) as relay:
+            client = socket.create_connection((relay.host, relay.port))
+            accepted, _ = upstream.accept()
+            client.sendall(b"open")
+            assert accepted.recv(4) == b"open"
+        client.close()
+        accepted.close()
+    assert not caplog.records
