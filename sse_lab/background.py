@@ -50,6 +50,7 @@ STOP_TIMEOUT_S = 1.0
 SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff")]  # on every response, the server's own refusals too
 STOPPING_COMMENT = encode_comment("server stopping")
 EXHAUSTION_LOG_WINDOW_S = 10.0
+LINGER_S = 1.0
 _EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -150,6 +151,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # of the head arriving now
         self.heads_completed = 0
         self.head_timer: asyncio.TimerHandle | None = None
+        self.discarding = False  # refused: what still arrives is dropped until the connection closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -160,6 +162,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         if not self.head_open:
             super().data_received(data)
             return
@@ -196,9 +200,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0
 
     def send_400_response(self, msg: str) -> None:
-        body = {"error": "invalid_http_request", "reason": "the request line or headers are not valid HTTP/1.1"}
-        self.transport.write(_raw_json_response(400, body, self.server_state.default_headers))
-        self.transport.close()
+        self._refuse(400, "invalid_http_request", "the request line or headers are not valid HTTP/1.1")
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
@@ -222,14 +224,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, error: str, reason: str) -> None:
         self._cancel_head_timer()
+        if self.discarding:
+            return
         if self._responding():  # a pipelined head behind a response still being sent: no room for an answer
             self.transport.close()
             return
-        self.logger.info("refused a request head with %d: %s", status, reason)
+        if status != 400:  # uvicorn has logged a 400 already
+            self.logger.info("refused a request head with %d: %s", status, reason)
         self.transport.write(
             _raw_json_response(status, {"error": error, "reason": reason}, self.server_state.default_headers)
         )
-        self.transport.close()
+        # Closing with unread bytes would make the kernel reset the connection, and the
+        # client could lose the answer: send it, then read and drop what still comes, for
+        # at most LINGER_S seconds (nginx's "lingering close").
+        self.discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 class _AcceptFailures:
