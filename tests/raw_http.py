@@ -75,6 +75,8 @@ def _content_length(head: bytes) -> int | None:
 
 
 def parse_response(received: bytes) -> RawResponse:
+    while received.startswith(b"HTTP/1.1 1"):  # an interim answer (100 Continue): the real one follows
+        received = received.partition(b"\r\n\r\n")[2]
     head, separator, body = received.partition(b"\r\n\r\n")
     if not separator:
         return RawResponse(None, body=received)
