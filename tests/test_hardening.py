@@ -229,11 +229,15 @@ def test_half_sent_requests_release_their_descriptors_after_the_header_timeout()
 @linux_only
 def test_descriptor_exhaustion_is_logged_once_per_window_and_serving_resumes() -> None:
     with cli_server("--header-timeout-s", "0.5", max_descriptors=64) as (_, url, stderr):
+        kept = httpx.Client(trust_env=False)  # a keep-alive connection opened before the shortage
+        assert kept.get(url + "/api/stats").status_code == 200
         socks = half_sent(url, 100)  # more than the server has descriptors for
         try:
             wait_for(lambda: "cannot accept connections" in stderr.read_text(), 10, "the exhaustion to be logged")
+            assert kept.get(url + "/api/stats").status_code == 200  # open connections are still served
             wait_for(lambda: all(closed_by_server(sock) for sock in socks), 30, "every half-sent request closed")
         finally:
+            kept.close()
             for sock in socks:
                 sock.close()
         response = httpx.get(url + "/api/chat", params={"prompt": "hi", "max_tokens": 2, "ttft_ms": 0}, trust_env=False)
