@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
+from sse_lab.model import sim_tokens
 from sse_lab.server import PARAMETERS, STREAM_PARAMETERS
 from tests.conftest import FUZZ_LONG_ENV, wait_for
 from tests.raw_http import RawResponse, address, exchange, read_response
@@ -91,9 +92,8 @@ def server(fuzzed: tuple[BackgroundServer, Recorder]) -> Iterator[BackgroundServ
     assert recorder.troubles() == []
     wait_for(lambda: idle(running), 10, "every stream and answer to end")
     result = stream_chat(running.url, "after the fuzz", max_tokens=8, ttft_ms=0, token_ms=0, seed=1)
-    assert result.tokens == 8 and result.error is None
-    expected = stream_chat(running.url, "after the fuzz", max_tokens=8, ttft_ms=0, token_ms=0, seed=1)
-    assert result.text == expected.text
+    assert result.error is None and result.drops == []
+    assert result.text == "".join(sim_tokens("after the fuzz", 8, seed=1))
 
 
 def idle(running: BackgroundServer) -> bool:
@@ -168,7 +168,7 @@ def target_bytes(path: str, query: str) -> bytes:
 last_event_ids = st.one_of(numbers, unicode_numbers, texts, st.sampled_from(["", "0", "63", "-1", "7 ", "\uff11"]))
 
 
-@settings(max_examples=1000 * SCALE, **FUZZ)
+@settings(max_examples=800 * SCALE, **FUZZ)
 @given(
     method=st.sampled_from(METHODS),
     path=st.sampled_from(PATHS),
@@ -229,7 +229,7 @@ request_lines = st.one_of(
 )
 
 
-@settings(max_examples=500 * SCALE, **FUZZ)
+@settings(max_examples=400 * SCALE, **FUZZ)
 @given(
     request_line=request_lines,
     headers=st.lists(header_lines, max_size=5),
