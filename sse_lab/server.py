@@ -2,7 +2,7 @@
 
     GET /api/chat/stream?prompt=...   text/event-stream: `token` events, then `done`
     GET /api/chat?prompt=...          application/json, sent once generation ends
-    GET /api/stats                    counters of the streams served so far
+    GET /api/stats                    counters of the streams and answers served so far
 
 Both chat endpoints take the same query parameters (see `PARAMETERS`); the
 stream takes a few more (`STREAM_PARAMETERS`). Anything malformed is refused
