@@ -18,7 +18,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background
+from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
+from sse_lab.model import sim_tokens
 from sse_lab.server import HEADERS_ROOM_BYTES, MAX_BLOCKLIST_CHARS
 from sse_lab.sse import Decoder
 from tests.conftest import wait_for
@@ -417,3 +418,26 @@ def test_a_buffered_request_cut_by_shutdown_gets_a_json_503() -> None:
     running.stop()
     client.join(5)
     assert_json_error(answer[0], 503, "server_stopping")
+
+
+def test_a_stream_cut_by_shutdown_resumes_on_the_next_instance() -> None:
+    """The reason for no `error` event: the client reconnects, and whichever instance answers resumes exactly."""
+    fast_retry = Settings(retry_ms=50)
+    instances = [serve_in_background(create_app(fast_retry))]
+    port = instances[0].port
+    seen: list[str] = []
+
+    def replace_the_server(token: str) -> None:
+        seen.append(token)
+        if len(seen) == 5:
+            instances[0].stop()
+            instances.append(serve_in_background(create_app(fast_retry), port=port))
+
+    try:
+        result = stream_chat(instances[0].url, "hi", on_token=replace_the_server, max_tokens=20, ttft_ms=0, token_ms=20)
+    finally:
+        for instance in instances:
+            instance.stop()
+    assert result.error is None and result.text == "".join(sim_tokens("hi", 20))
+    (drop,) = result.drops
+    assert drop.resumed_at is not None and int(drop.last_event_id) >= 4
