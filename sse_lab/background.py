@@ -139,6 +139,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
       than 65,535 bytes (its offsets are 16-bit): the head limit is the only limit on a
       request line, so the app's own limits (`max_prompt_chars`) are reached first.
     - Malformed requests get a JSON 400 instead of uvicorn's plain text.
+    - A connection answered before its request's body has all arrived is closed after the
+      answer, so a body trickled forever cannot hold it open.
 
     All of it runs while a head arrives, once per request: a response's events never pass here.
     """
@@ -234,9 +236,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(
             _raw_json_response(status, {"error": error, "reason": reason}, self.server_state.default_headers)
         )
+        self._close_after_answer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.head_open and not self.transport.is_closing():
+            # Answered while the request's body is still coming (a 405, a 422): reading the
+            # rest only to find the next request would let a client hold the connection
+            # open by trickling a body that never ends.
+            self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
         # Closing with unread bytes would make the kernel reset the connection, and the
         # client could lose the answer: send it, then read and drop what still comes, for
         # at most LINGER_S seconds (nginx's "lingering close").
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
         self.discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()

@@ -441,3 +441,17 @@ def test_a_stream_cut_by_shutdown_resumes_on_the_next_instance() -> None:
     assert result.error is None and result.text == "".join(sim_tokens("hi", 20))
     (drop,) = result.drops
     assert drop.resumed_at is not None and int(drop.last_event_id) >= 4
+
+
+def test_a_request_body_still_arriving_after_the_answer_does_not_hold_the_connection(server: BackgroundServer) -> None:
+    with socket.create_connection(address(server.url)) as sock:
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: lab\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100)
+        response = read_response(sock)
+        assert (response.status, response.json()) == (405, {"error": "Method Not Allowed"})
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # trickling on, as a slow-loris client would
+            while not closed_by_server(sock) and time.monotonic() - started < 10:
+                sock.setblocking(True)
+                sock.sendall(b"x")
+                time.sleep(0.1)  # the client's pace, not synchronisation
+        assert time.monotonic() - started < 5  # closed after the answer (and 1 s of lingering), not held
