@@ -51,20 +51,15 @@ FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, Health
 
 
 class Recorder(logging.Handler):
+    """Keeps the server's log records with a traceback, or at ERROR and above: none may appear."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
+        self.troubles: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    def troubles(self) -> list[str]:
-        """Records with a traceback, or at ERROR and above: none may appear."""
-        return [
-            self.format(record)
-            for record in self.records
-            if record.exc_info or record.levelno >= logging.ERROR or "Traceback" in record.getMessage()
-        ]
+        if record.exc_info or record.levelno >= logging.ERROR or "Traceback" in record.getMessage():
+            self.troubles.append(self.format(record))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +84,7 @@ def server(fuzzed: tuple[BackgroundServer, Recorder]) -> Iterator[BackgroundServ
     """The fuzzed server; after the test, its log is clean, nothing is left running and a stream is served exactly."""
     running, recorder = fuzzed
     yield running
-    assert recorder.troubles() == []
+    assert recorder.troubles == []
     wait_for(lambda: idle(running), 10, "every stream and answer to end")
     result = stream_chat(running.url, "after the fuzz", max_tokens=8, ttft_ms=0, token_ms=0, seed=1)
     assert result.error is None and result.drops == []
