@@ -134,16 +134,28 @@ def median_ms(values: list[float]) -> float:
 
 @dataclass(frozen=True)
 class WireCost:
-    """Bytes on the wire, both directions: `per_token` (one more token) and `fixed` (the rest of a chat)."""
+    """Bytes on the wire, both directions: `per_token` (one more token) and `fixed` (the rest of a chat).
+
+    `per_message`: one more message that carries tokens. It is `per_token` except for
+    long polling, whose answers carry several tokens when the client falls behind.
+    """
 
     per_token: float
     fixed: float
     up: int  # client to server, the longer chat
     down: int  # server to client, the longer chat
+    per_message: float
 
 
 def wire_totals(transport: str, endpoints: Endpoints, counts: Sequence[int], **params: Any) -> list[ByteCount]:
     """The bytes crossing a counting relay for one chat of each token count in `counts`, over `transport`."""
+    return [count for count, _ in _wire_runs(transport, endpoints, counts, **params)]
+
+
+def _wire_runs(
+    transport: str, endpoints: Endpoints, counts: Sequence[int], **params: Any
+) -> list[tuple[ByteCount, int]]:
+    """Per chat: the bytes, and the messages that carried its tokens (a long poll's answers; else the tokens)."""
     http, grpc_address = urlsplit(endpoints.http_url), endpoints.grpc_target.rsplit(":", 1)
     upstream = (grpc_address[0], int(grpc_address[1])) if transport == "grpc" else (str(http.hostname), http.port)
     totals = []
@@ -154,7 +166,7 @@ def wire_totals(transport: str, endpoints: Endpoints, counts: Sequence[int], **p
             result = chat(transport, relayed, max_tokens=count, **params)
             if result.tokens != count:
                 raise RuntimeError(f"{transport}: {result.tokens} tokens of {count}, error {result.error}")
-            totals.append(_settled(relay.totals))
+            totals.append((_settled(relay.totals), len(result.lumps) if transport == "long_poll" else count))
     return totals
 
 
@@ -168,9 +180,11 @@ def measure_wire(
     """What each transport puts on the wire for a chat of n1 and of n2 tokens; see the module docstring."""
     costs = {}
     for transport in transports:
-        short, long = wire_totals(transport, endpoints, tokens, **params)
+        (short, short_messages), (long, long_messages) = _wire_runs(transport, endpoints, tokens, **params)
         per_token = (long.total - short.total) / (tokens[1] - tokens[0])
-        costs[transport] = WireCost(per_token, short.total - tokens[0] * per_token, long.up, long.down)
+        messages = long_messages - short_messages
+        per_message = (long.total - short.total) / messages if messages > 0 else per_token
+        costs[transport] = WireCost(per_token, short.total - tokens[0] * per_token, long.up, long.down, per_message)
     return costs
 
 

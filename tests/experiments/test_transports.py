@@ -31,7 +31,7 @@ def test_wire_costs_separate_the_per_token_bytes_from_the_fixed_ones(endpoints: 
     assert set(wire) == {*transports.TRANSPORTS, transports.WS_NO_DEFLATE}
     for name, cost in wire.items():
         assert cost.per_token > 0 and cost.up > 0 and cost.down > 0, name
-    assert wire["long_poll"].per_token > 2 * wire["sse"].per_token  # a whole HTTP exchange per poll
+    assert wire["long_poll"].per_message > 2 * wire["sse"].per_token  # a whole HTTP exchange per answer
     assert wire["grpc"].fixed > wire["sse"].fixed  # the HTTP/2 preface and SETTINGS
 
 
