@@ -1,0 +1,207 @@
+"""What every dialect shares: exact echo of hostile payloads, refusals that are never a 500, the prompt rule."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
+from sse_lab.dialects.common import prompt_of
+from tests.conftest import NASTY_PROMPTS
+
+FAST = {"ttft_ms": 0, "token_ms": 0}
+DIALECTS = ("openai-chat", "openai-responses", "anthropic")
+PATHS = {"openai-chat": "/v1/chat/completions", "openai-responses": "/v1/responses", "anthropic": "/v1/messages"}
+HOSTILE = [
+    *NASTY_PROMPTS,
+    "data: [DONE]\n\n",
+    '{"error": {"message": "x"}}',
+    "event: error\ndata: x\n\n",
+    "\u2028\ufeff",
+]
+
+
+def body(dialect: str, content: Any, **fields: Any) -> dict[str, Any]:
+    """A request whose one user message is `content` (a string, or a list of text parts)."""
+    if dialect == "openai-responses":
+        given = content if isinstance(content, str) else [{"role": "user", "content": content}]
+        return {"model": "echo", "input": given, "max_output_tokens": 4096, **FAST, **fields}
+    return {"model": "echo", "max_tokens": 4096, "messages": [{"role": "user", "content": content}], **FAST, **fields}
+
+
+def parts(dialect: str, text: str) -> list[dict[str, str]]:
+    kind = "input_text" if dialect == "openai-responses" else "text"
+    return [{"type": kind, "text": text[:2]}, {"type": kind, "text": text[2:]}]
+
+
+def whole_text(dialect: str, answer: dict[str, Any]) -> str:
+    if dialect == "openai-chat":
+        return str(answer["choices"][0]["message"]["content"])
+    if dialect == "openai-responses":
+        return str(answer["output"][0]["content"][0]["text"])
+    return str(answer["content"][0]["text"])
+
+
+def post(server: BackgroundServer, dialect: str, payload: object) -> httpx.Response:
+    raw = json.dumps(payload).encode()  # NaN and Infinity allowed: Python's json.loads reads them
+    return httpx.post(
+        server.url + PATHS[dialect], content=raw, headers={"Content-Type": "application/json"}, trust_env=False
+    )
+
+
+def base_url(server: BackgroundServer, dialect: str) -> str:
+    return server.url if dialect == "anthropic" else server.url + "/v1"
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("prompt", HOSTILE)
+def test_echo_returns_a_hostile_payload_exactly_streamed_and_whole(
+    server: BackgroundServer, dialect: str, prompt: str
+) -> None:
+    streamed = stream_chat(base_url(server, dialect), prompt, api=dialect, model="echo", max_tokens=4096, **FAST)
+    assert streamed.text == prompt and streamed.error is None
+    for content in (prompt, parts(dialect, prompt)):
+        response = post(server, dialect, body(dialect, content))
+        assert response.status_code == 200 and whole_text(dialect, response.json()) == prompt
+
+
+def test_the_sdks_echo_a_hostile_payload_exactly(server: BackgroundServer) -> None:
+    prompt = "crlf\r\nnul\0 data: [DONE]\n\n🌊"
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    chunks = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": prompt}], stream=True, extra_body=FAST
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == prompt
+    with client.responses.stream(model="echo", input=prompt, extra_body=FAST) as stream:
+        assert stream.get_final_response().output_text == prompt
+    messages = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).messages
+    with messages.stream(
+        model="echo", max_tokens=100, messages=[{"role": "user", "content": prompt}], extra_body=FAST
+    ) as reading:
+        assert "".join(reading.text_stream) == prompt
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_several_messages_and_a_system_prompt_become_a_transcript(server: BackgroundServer, dialect: str) -> None:
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "and?"},
+    ]
+    if dialect == "openai-chat":
+        payload = body(dialect, "", messages=[{"role": "system", "content": "Be brief."}, *turns])
+    elif dialect == "openai-responses":
+        payload = body(dialect, "", input=turns, instructions="Be brief.")
+    else:
+        payload = body(dialect, "", messages=turns, system=[{"type": "text", "text": "Be brief."}])
+    response = post(server, dialect, payload)
+    expected = "system: Be brief.\n\nuser: hi\n\nassistant: Hello!\n\nuser: and?"
+    assert whole_text(dialect, response.json()) == expected
+    assert expected == prompt_of("Be brief.", [("user", "hi"), ("assistant", "Hello!"), ("user", "and?")])
+
+
+BAD = {
+    "not JSON": b"{nope",
+    "invalid UTF-8": b'{"model": "\xff"}',
+    "an array": b"[]",
+    "nested too deep": b"[" * 100_000,
+    "empty": b"",
+}
+
+
+def error_of(dialect: str, response: httpx.Response) -> tuple[str, str | None]:
+    """The refusal's message and the parameter it names (Anthropic's shape names none), checking the shape."""
+    payload = response.json()
+    if dialect == "anthropic":
+        assert payload["type"] == "error" and set(payload["error"]) == {"type", "message"}
+        return payload["error"]["message"], None
+    assert set(payload) == {"error"} and set(payload["error"]) == {"message", "type", "param", "code"}
+    return payload["error"]["message"], payload["error"]["param"]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize("raw", BAD.values(), ids=BAD.keys())
+def test_a_body_that_is_not_a_json_object_is_a_400(server: BackgroundServer, dialect: str, raw: bytes) -> None:
+    response = httpx.post(
+        server.url + PATHS[dialect], content=raw, headers={"Content-Type": "application/json"}, trust_env=False
+    )
+    assert response.status_code == 400
+    message, _ = error_of(dialect, response)
+    assert "JSON" in message
+
+
+WRONG_FIELDS = {
+    "unknown model": ({"model": "gpt-9"}, "model"),
+    "model not a string": ({"model": 7}, "model"),
+    "max_tokens a string": ({"max_tokens": "5", "max_output_tokens": "5"}, "max"),
+    "max_tokens a bool": ({"max_tokens": True, "max_output_tokens": True}, "max"),
+    "max_tokens a float": ({"max_tokens": 5.5, "max_output_tokens": 5.5}, "max"),
+    "max_tokens too big": ({"max_tokens": 10**6, "max_output_tokens": 10**6}, "max"),
+    "stream not a bool": ({"stream": "yes"}, "stream"),
+    "ttft_ms negative": ({"ttft_ms": -1}, "ttft_ms"),
+    "ttft_ms a string": ({"ttft_ms": "fast"}, "ttft_ms"),
+    "token_ms infinite": ({"token_ms": float("inf")}, "token_ms"),
+    "jitter_ms NaN": ({"jitter_ms": float("nan")}, "jitter_ms"),
+    "seed a list": ({"seed": [1]}, "seed"),
+    "fail_after negative": ({"fail_after": -1}, "fail_after"),
+    "blocklist of numbers": ({"blocklist": [1]}, "blocklist"),
+    "context_window too small": ({"context_window": 1}, "prompt"),
+    "an unknown field": ({"frobnicate": 1}, "frobnicate"),
+    "a prompt too long": ({"messages": [{"role": "user", "content": "x" * 8001}], "input": "x" * 8001}, "prompt"),
+    "an image part": (
+        {
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+            "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}],
+        },
+        "content[0]",
+    ),
+    "a tool role": (
+        {"messages": [{"role": "tool", "content": "x"}], "input": [{"role": "tool", "content": "x"}]},
+        "role",
+    ),
+    "no messages": ({"messages": [], "input": []}, ""),
+}
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@pytest.mark.parametrize(("fields", "named"), WRONG_FIELDS.values(), ids=WRONG_FIELDS.keys())
+def test_a_wrong_field_is_a_400_that_names_it(
+    server: BackgroundServer, dialect: str, fields: dict[str, Any], named: str
+) -> None:
+    payload = body(dialect, "hi", stream=True)
+    mine = {"messages", "max_tokens"} if dialect != "openai-responses" else {"input", "max_output_tokens"}
+    for name, value in fields.items():
+        if name in mine or name not in ("messages", "input", "max_tokens", "max_output_tokens"):
+            payload[name] = value
+    response = post(server, dialect, payload)
+    assert response.status_code == 400, response.text
+    message, param = error_of(dialect, response)
+    assert named in message and (param is None or named in param)
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_a_body_over_the_limit_is_refused_before_it_is_read(dialect: str) -> None:
+    with serve_in_background(create_app(Settings(max_prompt_chars=100))) as server:
+        response = post(server, dialect, body(dialect, "x" * 100_000))
+        assert response.status_code == 413
+        assert "limit" in error_of(dialect, response)[0]
+
+
+def test_the_models_list_is_read_by_both_sdks(server: BackgroundServer) -> None:
+    listed = openai.OpenAI(base_url=server.url + "/v1", api_key="x").models.list()
+    assert [model.id for model in listed] == ["sim", "echo"]
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x").models.list()
+    assert [model.id for model in claude] == ["sim", "echo"]
+
+
+def test_the_knobs_shape_the_stream_as_on_the_kits_endpoint(server: BackgroundServer) -> None:
+    knobs = {"ttft_ms": 80, "token_ms": 0, "seed": 3, "max_tokens": 5}
+    kit = stream_chat(server.url, "hi", **knobs)
+    for dialect in DIALECTS:
+        result = stream_chat(base_url(server, dialect), "hi", api=dialect, **knobs)
+        assert result.text == kit.text and result.ttft is not None and result.ttft >= 0.08
