@@ -9,6 +9,8 @@ import anthropic
 import httpx
 import openai
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
 from sse_lab.dialects.common import prompt_of
@@ -205,3 +207,33 @@ def test_the_knobs_shape_the_stream_as_on_the_kits_endpoint(server: BackgroundSe
     for dialect in DIALECTS:
         result = stream_chat(base_url(server, dialect), "hi", api=dialect, **knobs)
         assert result.text == kit.text and result.ttft is not None and result.ttft >= 0.08
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=8,
+)
+TIME_KNOBS = ("ttft_ms", "token_ms", "jitter_ms")  # a random number there is a random wait: fuzzed with non-numbers
+FUZZED = {
+    "openai-chat": ("model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "n", "seed"),
+    "openai-responses": ("model", "input", "instructions", "max_output_tokens"),
+    "anthropic": ("model", "messages", "system", "max_tokens", "stop_sequences"),
+}
+KNOB_FIELDS = ("seed", "fail_after", "context_window", "blocklist", "heartbeat_s", "temperature", "surprise")
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_whatever_a_field_holds_the_answer_is_an_answer_or_a_400(
+    server: BackgroundServer, dialect: str, data: st.DataObject
+) -> None:
+    name = data.draw(st.sampled_from(FUZZED[dialect] + KNOB_FIELDS + TIME_KNOBS))
+    values = JSON_VALUES.filter(lambda value: type(value) not in (int, float)) if name in TIME_KNOBS else JSON_VALUES
+    payload = {**body(dialect, "hi"), name: data.draw(values), "stream": False}
+    response = post(server, dialect, payload)
+    allowed = (200, 400, 502) if name == "fail_after" else (200, 400)  # 502: the model failed, as asked
+    assert response.status_code in allowed, response.text
+    if response.status_code != 200:
+        assert error_of(dialect, response)[0]
