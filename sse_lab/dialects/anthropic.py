@@ -170,7 +170,7 @@ def read_event(event: Event) -> Reading:
         return Reading(token=(delta.get("text") or None) if delta.get("type") == "text_delta" else None)
     if event.event == "message_delta":
         stop_reason = (data.get("delta") or {}).get("stop_reason")
-        return Reading(finish_reason=_FINISH.get(stop_reason, stop_reason))
+        return Reading(finish_reason=_FINISH.get(stop_reason, stop_reason) if isinstance(stop_reason, str) else None)
     if event.event == "message_stop":
         return Reading(over=True)
     error = data.get("error") or {}
