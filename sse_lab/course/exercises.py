@@ -267,8 +267,10 @@ def check_chat_completions_parser(parse: Callable[[bytes], str]) -> None:
         "a content filter": ("sim", "hi", {"blocklist": ["token"]}),
         "a model failing mid-stream": ("sim", "hi", {"fail_after": 4}),
     }
-    with serve_in_background() as server:
-        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    with (
+        serve_in_background() as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk,
+    ):
         for name, (model, prompt, knobs) in cases.items():
             messages: Any = [{"role": "user", "content": prompt}]
             knobs = {**fast, **knobs}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,19 +124,19 @@ def latencies(
 Pieces = Callable[[str, dict[str, Any]], Iterator[str]]
 
 
-def sdk_reader(api: str, server_url: str) -> Pieces:
-    """A function `(prompt, params) -> text pieces` that streams with `api`'s official SDK, client made beforehand.
+@contextmanager
+def sdk_reader(api: str, server_url: str) -> Iterator[Pieces]:
+    """A function `(prompt, params) -> text pieces` that streams with `api`'s official SDK, its client made beforehand.
 
     `params` are `model` and `max_tokens` (the SDK's own arguments) and the kit's
-    knobs (sent with `extra_body`).
+    knobs (sent with `extra_body`). The client, and its connections, close when
+    the `with` block ends.
     """
     if api not in SDK_APIS:
         raise ValueError(f"api must be one of {', '.join(SDK_APIS)}, got {api!r}")
     # The SDKs come with the `lab` and `test` extras, not with the kit: imported only when used.
     if api == "anthropic":
         import anthropic
-
-        claude = anthropic.Anthropic(base_url=server_url, api_key="unused", max_retries=0)
 
         def anthropic_pieces(prompt: str, params: dict[str, Any]) -> Iterator[str]:
             model, max_tokens, knobs = _split(params)
@@ -145,10 +146,10 @@ def sdk_reader(api: str, server_url: str) -> Pieces:
             ) as stream:
                 yield from stream.text_stream
 
-        return anthropic_pieces
+        with anthropic.Anthropic(base_url=server_url, api_key="unused", max_retries=0) as claude:
+            yield anthropic_pieces
+        return
     import openai
-
-    client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
 
     def chat_pieces(prompt: str, params: dict[str, Any]) -> Iterator[str]:
         model, max_tokens, knobs = _split(params)
@@ -168,7 +169,8 @@ def sdk_reader(api: str, server_url: str) -> Pieces:
                 if event.type == "response.output_text.delta":
                     yield event.delta
 
-    return chat_pieces if api == "openai-chat" else responses_pieces
+    with openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0) as client:
+        yield chat_pieces if api == "openai-chat" else responses_pieces
 
 
 def _split(params: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
@@ -199,14 +201,12 @@ def sdk_vs_kit(
     server_url: str, api: str, *, runs: int = 5, prompt: str = DEFAULT_PROMPT, progress: bool = True, **params: Any
 ) -> dict[str, list[ChatResult]]:
     """The same stream read `runs` times by the official SDK and by the kit's client, taking turns."""
-    read = sdk_reader(api, server_url)
-    sdk_stream(
-        read, prompt, **{**params, "ttft_ms": 0, "token_ms": 0}
-    )  # untimed: the SDK builds its types on first use
     results: dict[str, list[ChatResult]] = {f"{api} SDK": [], f"{api} kit client": []}
-    for _ in tqdm(range(runs), desc=f"{api}: SDK vs kit client", disable=not progress):
-        results[f"{api} SDK"].append(sdk_stream(read, prompt, **params))
-        results[f"{api} kit client"].append(stream_chat(base_url_for(api, server_url), prompt, api=api, **params))
+    with sdk_reader(api, server_url) as read:
+        sdk_stream(read, prompt, **{**params, "ttft_ms": 0, "token_ms": 0})  # untimed: the SDK builds its types
+        for _ in tqdm(range(runs), desc=f"{api}: SDK vs kit client", disable=not progress):
+            results[f"{api} SDK"].append(sdk_stream(read, prompt, **params))
+            results[f"{api} kit client"].append(stream_chat(base_url_for(api, server_url), prompt, api=api, **params))
     return results
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import anthropic
 import httpx
@@ -14,11 +16,21 @@ FAST = {"ttft_ms": 0, "token_ms": 0}
 USER = [{"role": "user", "content": "hi"}]
 
 
-def sdk(server: BackgroundServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
+Sdk = Callable[[BackgroundServer], anthropic.Anthropic]
 
 
-def test_messages_stream_gives_the_text_and_the_final_message(server: BackgroundServer) -> None:
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    """Makes the official SDK's client for a server; every client made is closed after the test."""
+    with ExitStack() as clients:
+
+        def make(server: BackgroundServer) -> anthropic.Anthropic:
+            return clients.enter_context(anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0))
+
+        yield make
+
+
+def test_messages_stream_gives_the_text_and_the_final_message(server: BackgroundServer, sdk: Sdk) -> None:
     with sdk(server).messages.stream(model="sim", max_tokens=6, messages=USER, extra_body=FAST) as stream:
         pieces = list(stream.text_stream)
         final = stream.get_final_message()
@@ -44,7 +56,7 @@ def test_on_the_wire_every_event_is_named_and_a_ping_follows_the_block_start(ser
     assert json.loads(events[-2].data)["delta"]["stop_reason"] == "end_turn"
 
 
-def test_an_error_event_mid_stream_raises_with_anthropics_error_shape(server: BackgroundServer) -> None:
+def test_an_error_event_mid_stream_raises_with_anthropics_error_shape(server: BackgroundServer, sdk: Sdk) -> None:
     pieces: list[str] = []
     stream = sdk(server).messages.stream(
         model="sim", max_tokens=10, messages=USER, extra_body={"fail_after": 2, **FAST}
@@ -59,7 +71,7 @@ def test_an_error_event_mid_stream_raises_with_anthropics_error_shape(server: Ba
     }
 
 
-def test_a_whole_message_and_the_refusals_before_a_stream(server: BackgroundServer) -> None:
+def test_a_whole_message_and_the_refusals_before_a_stream(server: BackgroundServer, sdk: Sdk) -> None:
     client = sdk(server)
     message = client.messages.create(
         model="echo", max_tokens=10, system="Be brief.", messages=[{"role": "user", "content": "hi"}], extra_body=FAST
@@ -82,7 +94,7 @@ def test_max_tokens_is_required_as_anthropic_requires_it(server: BackgroundServe
     }
 
 
-def test_the_content_filter_is_a_refusal(server: BackgroundServer) -> None:
+def test_the_content_filter_is_a_refusal(server: BackgroundServer, sdk: Sdk) -> None:
     with sdk(server).messages.stream(
         model="sim", max_tokens=10, messages=USER, extra_body={"blocklist": ["token"], **FAST}
     ) as stream:

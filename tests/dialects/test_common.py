@@ -74,17 +74,16 @@ def test_echo_returns_a_hostile_payload_exactly_streamed_and_whole(
 
 def test_the_sdks_echo_a_hostile_payload_exactly(server: BackgroundServer) -> None:
     prompt = "crlf\r\nnul\0 data: [DONE]\n\n🌊"
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
-    chunks = client.chat.completions.create(
-        model="echo", messages=[{"role": "user", "content": prompt}], stream=True, extra_body=FAST
-    )
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == prompt
-    with client.responses.stream(model="echo", input=prompt, extra_body=FAST) as stream:
-        assert stream.get_final_response().output_text == prompt
-    messages = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0).messages
-    with messages.stream(
-        model="echo", max_tokens=100, messages=[{"role": "user", "content": prompt}], extra_body=FAST
-    ) as reading:
+    messages: Any = [{"role": "user", "content": prompt}]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0) as client:
+        chunks = client.chat.completions.create(model="echo", messages=messages, stream=True, extra_body=FAST)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == prompt
+        with client.responses.stream(model="echo", input=prompt, extra_body=FAST) as stream:
+            assert stream.get_final_response().output_text == prompt
+    with (
+        anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0) as claude,
+        claude.messages.stream(model="echo", max_tokens=100, messages=messages, extra_body=FAST) as reading,
+    ):
         assert "".join(reading.text_stream) == prompt
 
 
@@ -195,10 +194,10 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(dialect: str) -> Non
 
 
 def test_the_models_list_is_read_by_both_sdks(server: BackgroundServer) -> None:
-    listed = openai.OpenAI(base_url=server.url + "/v1", api_key="x").models.list()
-    assert [model.id for model in listed] == ["sim", "echo"]
-    claude = anthropic.Anthropic(base_url=server.url, api_key="x").models.list()
-    assert [model.id for model in claude] == ["sim", "echo"]
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="x") as client:
+        assert [model.id for model in client.models.list()] == ["sim", "echo"]
+    with anthropic.Anthropic(base_url=server.url, api_key="x") as claude:
+        assert [model.id for model in claude.models.list()] == ["sim", "echo"]
 
 
 def test_the_knobs_shape_the_stream_as_on_the_kits_endpoint(server: BackgroundServer) -> None:
@@ -237,3 +236,12 @@ def test_whatever_a_field_holds_the_answer_is_an_answer_or_a_400(
     assert response.status_code in allowed, response.text
     if response.status_code != 200:
         assert error_of(dialect, response)[0]
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_heartbeats_keep_a_slow_prefill_alive_in_every_dialect(server: BackgroundServer, dialect: str) -> None:
+    payload = body(dialect, "a b", stream=True, ttft_ms=150, heartbeat_s=0.02)
+    response = post(server, dialect, payload)
+    assert response.text.count(": heartbeat\n") >= 3
+    result = stream_chat(base_url(server, dialect), "a b", api=dialect, model="echo", ttft_ms=150, heartbeat_s=0.02)
+    assert result.text == "a b" and result.error is None

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import httpx
 import openai
@@ -17,11 +19,21 @@ FAST = {"ttft_ms": 0, "token_ms": 0}
 USER = [{"role": "user", "content": "hi"}]
 
 
-def sdk(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+Sdk = Callable[[BackgroundServer], openai.OpenAI]
 
 
-def test_the_sdk_reads_a_whole_completion(server: BackgroundServer) -> None:
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    """Makes the official SDK's client for a server; every client made is closed after the test."""
+    with ExitStack() as clients:
+
+        def make(server: BackgroundServer) -> openai.OpenAI:
+            return clients.enter_context(openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0))
+
+        yield make
+
+
+def test_the_sdk_reads_a_whole_completion(server: BackgroundServer, sdk: Sdk) -> None:
     completion = sdk(server).chat.completions.create(model="sim", messages=USER, max_tokens=7, extra_body=FAST)
     (choice,) = completion.choices
     assert completion.object == "chat.completion" and completion.id.startswith("chatcmpl-")
@@ -31,7 +43,7 @@ def test_the_sdk_reads_a_whole_completion(server: BackgroundServer) -> None:
     assert completion.usage.prompt_tokens == 1 and completion.usage.total_tokens == 8
 
 
-def test_the_sdk_streams_chunks_with_one_id_the_role_first_and_usage_last(server: BackgroundServer) -> None:
+def test_the_sdk_streams_chunks_with_one_id_the_role_first_and_usage_last(server: BackgroundServer, sdk: Sdk) -> None:
     chunks = list(
         sdk(server).chat.completions.create(
             model="sim",
@@ -63,7 +75,7 @@ def test_the_stream_ends_with_done_and_has_usage_only_when_asked(server: Backgro
     assert '"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":3,"total_tokens":4}' in with_usage.text
 
 
-def test_a_model_failure_mid_stream_raises_api_error_after_the_tokens_sent(server: BackgroundServer) -> None:
+def test_a_model_failure_mid_stream_raises_api_error_after_the_tokens_sent(server: BackgroundServer, sdk: Sdk) -> None:
     received = []
     stream = sdk(server).chat.completions.create(
         model="sim", messages=USER, max_tokens=10, stream=True, extra_body={"fail_after": 3, **FAST}
@@ -85,7 +97,7 @@ def test_a_model_failure_mid_stream_raises_api_error_after_the_tokens_sent(serve
     [({"blocklist": ["token"]}, "content_filter", 2), ({"context_window": 4}, "length", 3), ({}, "length", 10)],
 )
 def test_the_content_filter_and_the_context_window_end_with_a_finish_reason(
-    server: BackgroundServer, knobs: dict[str, object], finish_reason: str, tokens: int
+    server: BackgroundServer, knobs: dict[str, object], finish_reason: str, tokens: int, sdk: Sdk
 ) -> None:
     # sim's reply to "hi" starts "The first token arrives": the filter stops before " token".
     chunks = list(
@@ -97,7 +109,7 @@ def test_the_content_filter_and_the_context_window_end_with_a_finish_reason(
     assert sum(bool(chunk.choices[0].delta.content) for chunk in chunks) == tokens
 
 
-def test_max_completion_tokens_is_max_tokens_and_the_two_must_agree(server: BackgroundServer) -> None:
+def test_max_completion_tokens_is_max_tokens_and_the_two_must_agree(server: BackgroundServer, sdk: Sdk) -> None:
     client = sdk(server)
     completion = client.chat.completions.create(model="sim", messages=USER, max_completion_tokens=4, extra_body=FAST)
     assert completion.usage is not None and completion.usage.completion_tokens == 4
@@ -142,7 +154,7 @@ def test_an_unknown_api_is_refused(server: BackgroundServer) -> None:
         stream_chat(server.url, "hi", api="openai")
 
 
-def test_when_every_slot_is_taken_the_sdk_gets_429_with_retry_after() -> None:
+def test_when_every_slot_is_taken_the_sdk_gets_429_with_retry_after(sdk: Sdk) -> None:
     with serve_in_background(create_app(Settings(max_concurrent_streams=1))) as server:
         opened = threading.Event()
         holder = threading.Thread(
@@ -168,7 +180,7 @@ def test_when_every_slot_is_taken_the_sdk_gets_429_with_retry_after() -> None:
         assert fetch_stats(server.url)["streams_rejected"] == 1
 
 
-def test_a_stream_over_the_time_limit_ends_with_a_timeout_error() -> None:
+def test_a_stream_over_the_time_limit_ends_with_a_timeout_error(sdk: Sdk) -> None:
     with serve_in_background(create_app(Settings(max_stream_s=0.2))) as server:
         stream = sdk(server).chat.completions.create(
             model="sim", messages=USER, stream=True, extra_body={"ttft_ms": 5000}
@@ -181,7 +193,7 @@ def test_a_stream_over_the_time_limit_ends_with_a_timeout_error() -> None:
         assert whole.value.status_code == 504 and whole.value.body["code"] == "timeout"
 
 
-def test_dialect_streams_count_in_the_kits_stats() -> None:
+def test_dialect_streams_count_in_the_kits_stats(sdk: Sdk) -> None:
     with serve_in_background() as server:
         client = sdk(server)
         list(client.chat.completions.create(model="sim", messages=USER, max_tokens=3, stream=True, extra_body=FAST))

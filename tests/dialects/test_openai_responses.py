@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+
 import httpx
 import openai
 import pytest
@@ -13,11 +16,21 @@ OPENING = ["response.created", "response.in_progress", "response.output_item.add
 CLOSING = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
 
 
-def sdk(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+Sdk = Callable[[BackgroundServer], openai.OpenAI]
 
 
-def test_the_sdk_streams_typed_events_in_order_numbered_from_zero(server: BackgroundServer) -> None:
+@pytest.fixture
+def sdk() -> Iterator[Sdk]:
+    """Makes the official SDK's client for a server; every client made is closed after the test."""
+    with ExitStack() as clients:
+
+        def make(server: BackgroundServer) -> openai.OpenAI:
+            return clients.enter_context(openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0))
+
+        yield make
+
+
+def test_the_sdk_streams_typed_events_in_order_numbered_from_zero(server: BackgroundServer, sdk: Sdk) -> None:
     with sdk(server).responses.create(
         model="sim", input="hi", max_output_tokens=4, stream=True, extra_body=FAST
     ) as stream:
@@ -42,7 +55,7 @@ def test_on_the_wire_each_event_is_named_by_its_type_and_nothing_follows_the_las
     assert events[-1].event == "response.completed" and "[DONE]" not in response.text
 
 
-def test_the_stream_helper_and_a_whole_response_give_the_text(server: BackgroundServer) -> None:
+def test_the_stream_helper_and_a_whole_response_give_the_text(server: BackgroundServer, sdk: Sdk) -> None:
     client = sdk(server)
     with client.responses.stream(model="echo", input="to be\r\nor not", extra_body=FAST) as stream:
         assert stream.get_final_response().output_text == "to be\r\nor not"
@@ -50,7 +63,7 @@ def test_the_stream_helper_and_a_whole_response_give_the_text(server: Background
     assert whole.status == "completed" and whole.output_text == "system: Be brief.\n\nuser: to be"
 
 
-def test_a_model_failure_is_a_failed_response(server: BackgroundServer) -> None:
+def test_a_model_failure_is_a_failed_response(server: BackgroundServer, sdk: Sdk) -> None:
     with sdk(server).responses.create(
         model="sim", input="hi", stream=True, extra_body={"fail_after": 2, **FAST}
     ) as stream:
@@ -64,7 +77,7 @@ def test_a_model_failure_is_a_failed_response(server: BackgroundServer) -> None:
     assert whole.value.status_code == 502
 
 
-def test_the_content_filter_makes_an_incomplete_response(server: BackgroundServer) -> None:
+def test_the_content_filter_makes_an_incomplete_response(server: BackgroundServer, sdk: Sdk) -> None:
     with sdk(server).responses.create(
         model="sim", input="hi", stream=True, extra_body={"blocklist": "token", **FAST}
     ) as stream:

@@ -35,16 +35,16 @@ def test_latencies_run_every_dialect_in_turn(server: BackgroundServer) -> None:
 @pytest.mark.parametrize("api", dialects.SDK_APIS)
 def test_the_sdk_and_the_kit_client_read_the_same_text(server: BackgroundServer, api: str) -> None:
     pieces: list[str] = []
-    read = dialects.sdk_reader(api, server.url)
-    by_sdk = dialects.sdk_stream(read, "hi", on_token=pieces.append, max_tokens=6, **FAST)
+    with dialects.sdk_reader(api, server.url) as read:
+        by_sdk = dialects.sdk_stream(read, "hi", on_token=pieces.append, max_tokens=6, **FAST)
     assert by_sdk.tokens == 6 and "".join(pieces) == by_sdk.text
     runs = dialects.sdk_vs_kit(server.url, api, runs=1, prompt="hi", progress=False, max_tokens=6, **FAST)
     assert [run.text for results in runs.values() for run in results] == [by_sdk.text] * 2
 
 
 def test_an_unknown_sdk_is_refused(server: BackgroundServer) -> None:
-    with pytest.raises(ValueError, match="api must be one of openai-chat"):
-        dialects.sdk_reader("kit", server.url)
+    with pytest.raises(ValueError, match="api must be one of openai-chat"), dialects.sdk_reader("kit", server.url):
+        pass
 
 
 def test_only_the_kits_stream_survives_a_drop() -> None:
