@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import client
 from ..background import serve_in_background
 from ..client import Param, stream_chat, stream_request
 from ..instruments.cpu import CpuMeter
@@ -37,7 +38,7 @@ from ..server import Settings, create_app
 from ..sse import MEDIA_TYPE
 from . import DEFAULT_PROMPT
 
-APIS = ("kit", "openai-chat", "openai-responses", "anthropic")
+APIS = client.APIS  # the kit's own, then the providers'
 SDK_APIS = APIS[1:]
 
 
