@@ -29,6 +29,7 @@ which is what a chat template does for a real model: the model reads one text.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -112,10 +113,17 @@ def integer(value: JSON, name: str) -> str:
 
 
 def number(value: JSON, name: str) -> str:
-    """A JSON number as the kit's parsers take it (a string)."""
+    """A JSON number as the kit's parsers take it: a plain decimal string, no exponent (1e-07 is '0.0000001').
+
+    >>> number(1e-07, "ttft_ms"), number(250, "ttft_ms"), number(2.5, "ttft_ms")
+    ('0.0000001', '250', '2.5')
+    """
     if type(value) not in (int, float):
         raise InvalidParameter(name, f"must be a number, got {_shown(value)}")
-    return repr(value)
+    text = repr(value)
+    if "e" not in text or not math.isfinite(value):
+        return text.removesuffix(".0")
+    return f"{value:.20f}".rstrip("0").rstrip(".") or "0"  # the kit reads no exponent
 
 
 def flag(value: JSON, name: str) -> bool:

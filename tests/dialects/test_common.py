@@ -245,3 +245,12 @@ def test_heartbeats_keep_a_slow_prefill_alive_in_every_dialect(server: Backgroun
     assert response.text.count(": heartbeat\n") >= 3
     result = stream_chat(base_url(server, dialect), "a b", api=dialect, model="echo", ttft_ms=150, heartbeat_s=0.02)
     assert result.text == "a b" and result.error is None
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+def test_a_json_number_written_with_an_exponent_is_read_as_the_number(server: BackgroundServer, dialect: str) -> None:
+    # The kit's query parsers take plain ASCII decimals only; JSON writes 1e-07 and 1e+16 with exponents.
+    response = post(server, dialect, body(dialect, "hi", ttft_ms=1e-07, jitter_ms=0.0))
+    assert response.status_code == 200, response.text
+    refused = post(server, dialect, body(dialect, "hi", ttft_ms=1e16))
+    assert refused.status_code == 400 and "60000" in error_of(dialect, refused)[0]
