@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from .metrics import ChatResult, Spread, ttfts
 
 if TYPE_CHECKING:  # the stack imports no experiment at run time
+    from .experiments.dialects import WireCost
     from .experiments.memory import MemoryPoint
     from .experiments.payload import Smoothness
 
@@ -174,6 +175,44 @@ def coalescing(measured: Sequence[Smoothness], ax: Axes | None = None) -> Axes:
     ax.set_title("Coalescing: the same tokens in fewer, bigger steps")
     ax.legend()
     return ax
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def wire_bytes_per_token(costs: Mapping[str, WireCost], ax: Axes | None = None) -> Axes:
+    """Bytes on the wire per token for each dialect, the tokens' own text shown as the bar's darker base."""
+    ax = _axes(ax)
+    names = list(costs)
+    ax.bar(names, [cost.bytes_per_token for cost in costs.values()], color="tab:blue", alpha=0.5, label="framing")
+    ax.bar(names, [cost.token_text_bytes for cost in costs.values()], color="tab:blue", label="token text")
+    for position, cost in enumerate(costs.values()):
+        ax.annotate(f"{cost.bytes_per_token:.0f} B", (position, cost.bytes_per_token), ha="center", va="bottom")
+    ax.set_ylabel("body bytes on the wire per token (B)")
+    ax.set_title("What one more token costs on the wire")
+    ax.margins(y=0.15)
+    ax.legend(loc="upper left")
+    return ax
+
+
+def cpu_per_token(cpu_s: Mapping[str, Sequence[float]], ax: Axes | None = None) -> Axes:
+    """Server CPU per token for each dialect: every run a dot, the median a bar."""
+    ax = _axes(ax)
+    for position, (name, values) in enumerate(cpu_s.items()):
+        micros = [1e6 * value for value in values]
+        ax.scatter([position] * len(micros), micros, alpha=0.6, zorder=3, label=f"{name} (n={len(micros)})")
+        ax.hlines(Spread.of(micros).median, position - 0.25, position + 0.25, color="black", zorder=4)
+    ax.set_xticks(range(len(cpu_s)), list(cpu_s))
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("server CPU per token (µs)")
+    ax.set_title("What one more token costs the server")
+    ax.legend(loc="lower right")
+    return ax
+
+
+def dialect_costs(costs: Mapping[str, WireCost], cpu_s: Mapping[str, Sequence[float]]) -> Figure:
+    """Two panels: (a) bytes on the wire per token, (b) server CPU per token, per dialect."""
+    return _two_panels(partial(wire_bytes_per_token, costs), partial(cpu_per_token, cpu_s))
 
 
 # Notebook 09: the transports side by side.

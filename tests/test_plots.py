@@ -115,3 +115,20 @@ def test_coalescing_draws_a_step_line_per_factor() -> None:
     assert list(four.get_ydata()) == list(range(9))
     assert len(set(four.get_xdata())) == 3  # the start, then two bursts of four tokens
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["1 per event", "4 per event"]
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def test_dialect_costs_draws_a_bar_per_dialect_and_a_dot_per_cpu_run() -> None:
+    from sse_lab.experiments.dialects import WireCost
+
+    costs = {api: WireCost(api, per_token, 100.0, 6.0) for api, per_token in (("kit", 60.0), ("openai-chat", 230.0))}
+    figure = plots.dialect_costs(costs, {"kit": [2e-5, 2.1e-5], "openai-chat": [2.2e-5, 2.3e-5]})
+    wire, cpu = figure.axes
+    assert [round(bar.get_height()) for bar in wire.patches] == [60, 230, 6, 6]
+    assert (
+        sum(len(collection.get_offsets()) for collection in cpu.collections if isinstance(collection, PathCollection))
+        == 4
+    )
+    assert "(B)" in wire.get_ylabel() and "(µs)" in cpu.get_ylabel()

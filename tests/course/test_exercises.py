@@ -201,3 +201,59 @@ def test_unattempted_buffering_exercises_only_remind(capsys: pytest.CaptureFixtu
     check_lumps(not_yet)
     check_proxy_config(not_yet)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def right_chat_parser(body: bytes) -> str:
+    import json
+
+    from sse_lab.sse import decode
+
+    pieces = []
+    for event in decode(body):
+        if event.data == "[DONE]":
+            break
+        chunk = json.loads(event.data)
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        pieces.extend(choice["delta"].get("content") or "" for choice in chunk["choices"])
+    return "".join(pieces)
+
+
+def test_a_right_chat_completions_parser_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    check_chat_completions_parser(right_chat_parser)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_chat_parser_that_ignores_errors_fails_where_the_sdk_raises() -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    def lenient(body: bytes) -> str:
+        try:
+            return right_chat_parser(body)
+        except RuntimeError:
+            return ""
+
+    with pytest.raises(AssertionError, match="a model failing mid-stream: the SDK raised APIError"):
+        check_chat_completions_parser(lenient)
+
+
+def test_a_chat_parser_that_splits_text_on_line_breaks_fails() -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    def lossy(body: bytes) -> str:
+        return right_chat_parser(body).replace("\r\n", "\n")
+
+    with pytest.raises(AssertionError, match="a hostile payload, echoed: the SDK read"):
+        check_chat_completions_parser(lossy)
+
+
+def test_an_unattempted_chat_parser_only_reminds(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    check_chat_completions_parser(not_yet)
+    assert "not attempted yet" in capsys.readouterr().out
