@@ -19,7 +19,9 @@ set (`echo 5 > /proc/PID/clear_refs`); once the client has read the last byte,
 
     peak_bytes = VmHWM after the reply - VmRSS before the request
 
-read from /proc/PID/status. This needs Linux. Two tempting alternatives are
+read from /proc/PID/status. This needs Linux. The kernel counts resident memory
+in pages, so `peak_bytes` moves in whole pages (`PAGE_BYTES`, 4 KiB on most
+systems): a reply that raised the resident set by less than one page reads as 0. Two tempting alternatives are
 wrong here: `resource.getrusage(...).ru_maxrss` is carried across fork and exec,
 so a child of a 400 MB notebook kernel reports 400 MB before it does anything;
 `tracemalloc` sees only Python allocations, and its bookkeeping slows every
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import mmap
 import re
 import select
 import subprocess
@@ -52,6 +55,7 @@ MODES = {"buffered": BUFFERED_PATH, "streamed": STREAM_PATH}
 PROMPT = "How much memory does a long answer cost?"
 WARM_UP_TOKENS = 200
 STOP_TIMEOUT_S = 5.0
+PAGE_BYTES = mmap.PAGESIZE  # the resolution of peak_bytes
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
@@ -147,7 +151,8 @@ class MemoryPoint:
 
     `seconds` runs from sending the request to reading its last byte; `body_bytes`
     is the size of the response body; `resting_bytes` the server's resident set
-    just before the request (its fixed cost: Python, Starlette, uvicorn).
+    just before the request (its fixed cost: Python, Starlette, uvicorn);
+    `resolution_bytes` the page size, the least rise `peak_bytes` can show.
     """
 
     mode: str  # "buffered" or "streamed"
@@ -156,6 +161,7 @@ class MemoryPoint:
     seconds: float
     body_bytes: int
     resting_bytes: int
+    resolution_bytes: int = PAGE_BYTES
 
 
 def _read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
