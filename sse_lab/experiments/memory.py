@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mmap
+import os
 import re
 import select
 import subprocess
@@ -95,6 +96,15 @@ class ServerProcess:
     def peak_resident_bytes(self) -> int:
         """The high-water mark of its resident set (VmHWM) since it started or since `reset_peak()`."""
         return 1024 * _status_kib(self.pid, "VmHWM")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far, user and system, all threads (from /proc/PID/stat).
+
+        The kernel counts it in clock ticks (usually 10 ms): measure over long enough to make that negligible.
+        """
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
     def reset_peak(self) -> None:
         """Lower the high-water mark to the current resident set.
@@ -164,8 +174,11 @@ class MemoryPoint:
     resolution_bytes: int = PAGE_BYTES
 
 
-def _read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
-    """Read a reply chunk by chunk, keeping only its size and tail; return (bytes, seconds)."""
+def read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
+    """Read a reply of `tokens` tokens (ttft_ms=0, token_ms=0) chunk by chunk, keeping only its size and tail.
+
+    Returns (bytes, seconds); raises ServerProcessError unless it was complete.
+    """
     params: dict[str, str | int] = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": 0}
     started = time.perf_counter()
     with client.stream("GET", url, params=params) as response:
@@ -196,10 +209,10 @@ def measure_reply(mode: str, tokens: int, *, timeout_s: float = 600.0) -> Memory
         httpx.Client(trust_env=False, timeout=timeout_s) as client,
     ):
         for path in MODES.values():
-            _read_reply(client, server.url + path, WARM_UP_TOKENS)
+            read_reply(client, server.url + path, WARM_UP_TOKENS)
         resting = server.resident_bytes()
         server.reset_peak()
-        body_bytes, seconds = _read_reply(client, server.url + MODES[mode], tokens)
+        body_bytes, seconds = read_reply(client, server.url + MODES[mode], tokens)
         peak = server.peak_resident_bytes() - resting
     return MemoryPoint(mode, tokens, peak, seconds, body_bytes, resting)
 
