@@ -13,13 +13,15 @@ from sse_lab.experiments.middleware import (
     LogWholeBody,
     PassThrough,
     lateness,
+    middleware_cpu,
+    middleware_cpu_table,
     middleware_experiment,
     middleware_table,
 )
 
-# 20 tokens 10 ms apart after a 50 ms prefill: the last is due 240 ms after the request.
-STREAM = {"max_tokens": 20, "ttft_ms": 50, "token_ms": 10}
-LAST_TOKEN_DUE_S = (50 + 19 * 10) / 1000
+# 20 tokens 20 ms apart after a 50 ms prefill: the last is due 430 ms after the request.
+STREAM = {"max_tokens": 20, "ttft_ms": 50, "token_ms": 20}
+LAST_TOKEN_DUE_S = (50 + 19 * 20) / 1000
 
 
 def one_by_one(result: ChatResult) -> bool:
@@ -94,3 +96,15 @@ def test_middleware_experiment_streams_every_variant_and_only_the_whole_body_log
 def test_lateness_is_arrival_minus_the_models_schedule() -> None:
     result = ChatResult("streamed", started_at=10.0, arrivals=[10.05, 10.07, 10.5])
     assert lateness(result, ttft_ms=50, token_ms=10) == pytest.approx([0.0, 0.01, 0.43])
+
+
+def test_middleware_cpu_measures_every_variant_against_no_middleware() -> None:
+    costs = middleware_cpu(tokens=500, repeats=1, progress=False)
+    assert [cost.variant for cost in costs] == list(MIDDLEWARE_VARIANTS)
+    none, passed = costs[0], costs[1]
+    assert (none.extra_us_per_event, none.times_no_middleware) == (0.0, 1.0)
+    assert all(cost.tokens == 500 and cost.us_per_event > 0 for cost in costs)
+    assert passed.extra_us_per_event == pytest.approx(passed.us_per_event - none.us_per_event)
+    assert passed.times_no_middleware > 1.2  # measured 2 to 3.4: extra trips through the event loop per event
+    table = middleware_cpu_table(costs)
+    assert len(table.splitlines()) == 1 + len(costs) and table.splitlines()[1].split()[-1] == "1.00"
