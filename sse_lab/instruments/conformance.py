@@ -95,6 +95,22 @@ class Disagreement:
     ) -> Disagreement:
         return cls(vector["name"], vector_bytes(vector), standard, httpx_sse, vector.get("httpx_sse_note", ""))
 
+    @property
+    def difference(self) -> str:
+        """What differs, in a few words: the number of events, else each differing field, standard first.
+
+        >>> Disagreement("", b"", [{"data": "x", "retry": None}], [{"data": "x", "retry": 100}], "").difference
+        'retry: None vs 100'
+        """
+        if len(self.standard) != len(self.httpx_sse):
+            return f"{_count(self.standard)} vs {_count(self.httpx_sse)}"
+        return "; ".join(
+            f"{field}: {ours[field]!r} vs {theirs[field]!r}"
+            for ours, theirs in zip(self.standard, self.httpx_sse, strict=True)
+            for field in ours
+            if ours[field] != theirs.get(field)
+        )
+
     def detail(self) -> str:
         """The whole story on five lines: the stream, what each parser makes of it, and why."""
         return "\n".join(
@@ -106,6 +122,10 @@ class Disagreement:
                 f"    why:       {self.why}",
             ]
         )
+
+
+def _count(events: Sequence[dict[str, Any]]) -> str:
+    return "no event" if not events else "1 event" if len(events) == 1 else f"{len(events)} events"
 
 
 def _events(events: Sequence[dict[str, Any]]) -> str:
@@ -122,20 +142,19 @@ class DisagreementTable:
         self.disagreements = list(disagreements)
 
     def _repr_html_(self) -> str:
-        head = "<tr><th>#</th><th>vector (click for the stream and why)</th><th>standard</th><th>httpx-sse</th></tr>"
+        head = "<tr><th>#</th><th>vector (click for its stream, both parsers' events, and why)</th>"
+        head += "<th>standard vs httpx-sse</th></tr>"
         rows = [
             f"<tr><td>{number}</td><td style='text-align:left'><details><summary>{escape(item.name)}</summary>"
-            f"<pre>{escape(item.detail())}</pre></details></td>"
-            f"<td style='text-align:left'><code>{escape(_events(item.standard))}</code></td>"
-            f"<td style='text-align:left'><code>{escape(_events(item.httpx_sse))}</code></td></tr>"
+            f"<pre style='white-space:pre-wrap'>{escape(item.detail())}</pre></details></td>"
+            f"<td style='text-align:left;white-space:nowrap'><code>{escape(item.difference)}</code></td></tr>"
             for number, item in enumerate(self.disagreements, 1)
         ]
         return f"<table>{head}{''.join(rows)}</table>"
 
     def __repr__(self) -> str:
         return "\n".join(
-            f"{number:>2}. {item.name}: standard {len(item.standard)} event(s), httpx-sse {len(item.httpx_sse)}"
-            for number, item in enumerate(self.disagreements, 1)
+            f"{number:>2}. {item.name}: {item.difference}" for number, item in enumerate(self.disagreements, 1)
         )
 
     def show(self, name: str) -> None:

@@ -65,3 +65,10 @@ def test_the_disagreement_table_gives_one_line_each_and_the_detail_a_click_away(
     assert shown[0] == "retry: a leading '+' makes it invalid" and shown[1].startswith("    stream:")
     with pytest.raises(KeyError, match="no disagreement"):
         table.show("no such vector")
+
+
+def test_a_disagreement_says_what_differs_in_a_few_words() -> None:
+    event = {"event": "message", "data": "x", "id": "", "retry": None}
+    assert Disagreement("", b"", [event], [{**event, "retry": 100}], "").difference == "retry: None vs 100"
+    assert Disagreement("", b"", [], [event], "").difference == "no event vs 1 event"
+    assert Disagreement("", b"", [event], [event, event], "").difference == "1 event vs 2 events"
