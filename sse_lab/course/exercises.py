@@ -13,6 +13,8 @@ from collections.abc import Callable
 from itertools import product
 from typing import Any
 
+from starlette.types import ASGIApp
+
 from ..background import serve_in_background
 from ..client import Param, fetch_chat, stream_chat
 from ..experiments.buffering import WriteBuffer
@@ -304,6 +306,26 @@ def check_chat_completions_parser(parse: Callable[[bytes], str]) -> None:
                 "choices[i].delta.content is a piece of text (absent or null in the role, finish and usage chunks)."
             )
     _passed(exercise, f"Your parser and the openai SDK agree on {len(cases)} streams, failure included.")
+
+
+# --- notebook 03, exercise 3: a size logger that holds nothing ---------------------------------------------------
+
+
+def check_size_logger(size_logger: Callable[[ASGIApp, Callable[[int], object]], ASGIApp]) -> None:
+    """Exercise 03.3: `size_logger(app, log)` serves `app`, streams it untouched and logs its body size at the end."""
+    exercise = "Exercise 3 (a size logger that holds nothing)"
+    if not _attempted(exercise, lambda: size_logger(create_app(), print)):
+        return
+    sizes: list[int] = []
+    with serve_in_background(size_logger(create_app(), sizes.append)) as server:
+        result = stream_chat(server.url, "log my size", max_tokens=20, ttft_ms=50, token_ms=20)
+    assert result.tokens == 20 and result.finish_reason == "length", f"the stream broke: {result.error}"
+    assert max(result.lumps) < result.tokens / 2, (
+        f"the tokens arrived in lumps of {result.lumps}: the logger holds them (does it read the whole body first?)"
+    )
+    received = sum(chunk.size for chunk in result.chunks)
+    assert sizes == [received], f"logged {sizes} for one response of {received} body bytes: log once, at the end"
+    _passed(exercise, f"logged {received} bytes, and every token went on as it came.")
 
 
 # Notebook 09: SSE vs WebSocket vs gRPC vs long polling.
