@@ -326,3 +326,29 @@ def cpu_per_token(cpu_s: Mapping[str, Sequence[float]], ax: Axes | None = None) 
 def dialect_costs(costs: Mapping[str, WireCost], cpu_s: Mapping[str, Sequence[float]]) -> Figure:
     """Two panels: (a) bytes on the wire per token, (b) server CPU per token, per dialect."""
     return _two_panels(partial(wire_bytes_per_token, costs), partial(cpu_per_token, cpu_s))
+
+
+# Notebook 09: the transports side by side.
+
+
+def transport_bars(panels: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> Figure:
+    """One bar chart per measure (`panels`: title -> value per transport), y axis in `units[title]`.
+
+    Each transport keeps its colour across the panels; the legend is in the first.
+    """
+    transports = list(dict.fromkeys(name for values in panels.values() for name in values))
+    colours = {name: f"C{index}" for index, name in enumerate(transports)}
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items(), strict=True):
+        names = list(values)
+        ax.bar(range(len(names)), list(values.values()), color=[colours[name] for name in names], label=names)
+        ax.set_xticks(range(len(names)), [str(transports.index(name) + 1) for name in names])
+        ax.set_title(title)
+        ax.set_xlabel("transport")
+        ax.set_ylabel(units[title])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in transports]
+    labels = [f"{index + 1}: {name}" for index, name in enumerate(transports)]
+    rows = -(-len(transports) // 3)
+    figure.legend(handles, labels, loc="lower center", ncols=min(3, len(transports)), frameon=False)
+    figure.tight_layout(rect=(0, 0.07 * rows + 0.02, 1, 1))
+    return figure

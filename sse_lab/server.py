@@ -740,12 +740,15 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    from .transports import transport_routes  # imported here: the transports use this module's parsers
+
     app = Starlette(
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
             Route("/api/stats", stream_stats),
             *dialects.routes(settings, models, stats),
+            *transport_routes(settings, models, stats),  # /ws/chat, /api/chat/poll (notebook 09)
         ],
         exception_handlers={
             InvalidParameter: invalid_parameter,
