@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -437,3 +439,27 @@ def test_an_empty_prompt_is_a_prompt_of_no_words(server: BackgroundServer) -> No
     assert written[-1][::2] == ("done", {"finish_reason": "length", "tokens": 5})  # sim writes without a prompt
     assert echoed == [("done", "", {"finish_reason": "stop", "tokens": 0})]  # echo has nothing to give back
     assert (missing.status_code, missing.json()["parameter"], missing.json()["reason"]) == (422, "prompt", "required")
+
+
+def test_a_model_failing_on_purpose_writes_nothing_to_a_notebooks_stderr() -> None:
+    """A kernel configures no logging, like this bare interpreter: the warning must not reach stderr as red text."""
+    script = (
+        "import httpx\n"
+        "from sse_lab import serve_in_background\n"
+        "with serve_in_background() as server:\n"
+        "    params = {'prompt': 'hi', 'ttft_ms': 0, 'token_ms': 0, 'fail_after': 2}\n"
+        "    body = httpx.get(server.url + '/api/chat/stream', params=params, trust_env=False).text\n"
+        "print(body.rstrip().splitlines()[-1])\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.stdout == 'data: {"code":"model_error","message":"the model failed after 2 tokens"}\n'
+    assert finished.stderr == ""
+
+
+def test_a_model_failing_is_still_logged_for_whoever_listens(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sse_lab"):
+        events(server.url + "/api/chat/stream", **FAST_STREAM, fail_after=2)
+        wait_for(lambda: caplog.records, what="the server's warning")
+    assert caplog.records[0].getMessage() == "model failed after 2 tokens: InjectedFault('fail_after=2')"
