@@ -29,9 +29,11 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers (the machine's cores), each taking whole files: a notebook's cells share one kernel, in order.
+TEST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m sse_lab.course.authoring --check
-	$(BIN)/pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env --nbval-cell-timeout=120
 
 demo: $(VENV)/.installed-lab
 	$(BIN)/python -m sse_lab demo --output build/why_streaming.png
