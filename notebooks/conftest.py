@@ -21,6 +21,10 @@ NOTEBOOKS = Path(__file__).resolve().parent
 SOLUTIONS = NOTEBOOKS / "solutions"
 STUDENTS_COPY = "(students' copy)"
 
+# tests/ and notebooks/ each have a conftest.py and no __init__.py, so both import as the
+# module `conftest`: collecting either as a doctest module as well would clash with the other.
+collect_ignore = ["conftest.py"]
+
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """Leave out the students' copies found by walking this folder; they run inside their solution's run."""

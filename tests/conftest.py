@@ -13,6 +13,10 @@ from sse_lab.parts.nginx import SKIP_MESSAGE, ProxyConfig, nginx_or_skip
 
 matplotlib.use("Agg")
 
+# tests/ and notebooks/ each have a conftest.py and no __init__.py, so both import as the
+# module `conftest`: collecting either as a doctest module as well would clash with the other.
+collect_ignore = ["conftest.py"]
+
 # Prompts that break naive framing or encoding: every one must survive the trip.
 ALL_PROXY_CONFIGS = [ProxyConfig(*flags) for flags in itertools.product([True, False], repeat=3)]
 NASTY_PROMPTS = ["", " ", "line\nbreak", "cr\ronly", "crlf\r\n", "a: b", "  lead", "nul\0byte", "é 🌊 日本", "\n\n\n"]
