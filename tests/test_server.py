@@ -6,7 +6,6 @@ import logging
 import shutil
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jupyter_client.manager import start_new_kernel
 
 from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
 from tests.conftest import NASTY_PROMPTS, wait_for
@@ -442,8 +442,8 @@ def test_an_empty_prompt_is_a_prompt_of_no_words(server: BackgroundServer) -> No
 
 
 def test_a_model_failing_on_purpose_writes_nothing_to_a_notebooks_stderr() -> None:
-    """A kernel configures no logging, like this bare interpreter: the warning must not reach stderr as red text."""
-    script = (
+    """In a real kernel, as notebook 04 does it: its stderr shows as red text, which reads as the notebook failing."""
+    code = (
         "import httpx\n"
         "from sse_lab import serve_in_background\n"
         "with serve_in_background() as server:\n"
@@ -451,9 +451,25 @@ def test_a_model_failing_on_purpose_writes_nothing_to_a_notebooks_stderr() -> No
         "    body = httpx.get(server.url + '/api/chat/stream', params=params, trust_env=False).text\n"
         "print(body.rstrip().splitlines()[-1])\n"
     )
-    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert finished.stdout == 'data: {"code":"model_error","message":"the model failed after 2 tokens"}\n'
-    assert finished.stderr == ""
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        streams = {"stdout": "", "stderr": ""}
+        executing = client.execute(code)
+        while True:
+            message = client.get_iopub_msg(timeout=60)
+            if message["parent_header"].get("msg_id") != executing:
+                continue
+            if message["msg_type"] == "stream":
+                streams[message["content"]["name"]] += message["content"]["text"]
+            elif message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                break
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert streams == {
+        "stdout": 'data: {"code":"model_error","message":"the model failed after 2 tokens"}\n',
+        "stderr": "",
+    }
 
 
 def test_a_model_failing_is_still_logged_for_whoever_listens(
