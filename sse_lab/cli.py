@@ -144,12 +144,17 @@ def network_warning(host: str) -> str | None:
     return f"sse-lab: warning: --host {host} is not loopback: the server is reachable from the network"
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: stop as on Ctrl-C."""
+# Ctrl-C and SIGTERM both stop the server, as in uvicorn. SIGINT is set here too: a process
+# started in the background by a shell script inherits SIGINT ignored, and would never stop on it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated
+class _Stopped(Exception):
+    """A stop signal arrived."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
 
 
 def _log_to_terminal() -> None:
@@ -169,12 +174,13 @@ def serve(args: argparse.Namespace) -> None:
     with serve_in_background(app_from_args(args), host=args.host, port=args.port) as server:
         print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
         print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
         try:
-            with contextlib.suppress(KeyboardInterrupt, _Terminated):
+            with contextlib.suppress(_Stopped):
                 threading.Event().wait()
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     print("sse-lab stopped", flush=True)
 
 

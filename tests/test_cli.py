@@ -4,6 +4,7 @@ import argparse
 import os
 import re
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -175,9 +176,11 @@ def test_a_host_other_than_loopback_gets_a_one_line_network_warning(host: str) -
 
 
 @contextmanager
-def serve_process(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def serve_process(*flags: str, shell_prefix: str = "") -> Iterator[tuple[subprocess.Popen[str], str]]:
     """`python -m sse_lab serve --port 0 ...` and the URL its banner names, killed at the end whatever happens."""
     command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0", *flags]
+    if shell_prefix:
+        command = ["sh", "-c", f"{shell_prefix} exec {shlex.join(command)}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
         try:
@@ -201,6 +204,14 @@ def test_serve_stopped_by_sigint_or_sigterm_says_stopped(stop: signal.Signals) -
     assert process.returncode == 0
     assert out.rstrip().endswith("sse-lab stopped")
     assert err == ""  # no traceback, and no network warning on loopback
+
+
+def test_serve_started_by_a_script_in_the_background_still_stops_on_sigint() -> None:
+    """A shell starts background jobs with SIGINT ignored, and Python then leaves it ignored."""
+    with serve_process(shell_prefix="trap '' INT;") as (process, _):
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=10)
+    assert out.rstrip().endswith("sse-lab stopped")
 
 
 def test_serve_passes_its_flags_and_shows_log_lines_on_the_terminal() -> None:
