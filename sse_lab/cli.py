@@ -171,13 +171,17 @@ def serve(args: argparse.Namespace) -> None:
     _log_to_terminal()
     if warning := network_warning(args.host):
         print(warning, file=sys.stderr, flush=True)
-    with serve_in_background(app_from_args(args), host=args.host, port=args.port) as server:
-        print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
-        print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
-        previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
+    with (
+        serve_in_background(app_from_args(args), host=args.host, port=args.port) as server,
+        contextlib.suppress(_Stopped),
+    ):
+        previous: dict[int, Any] = {}
         try:
-            with contextlib.suppress(_Stopped):
-                threading.Event().wait()
+            for signum in STOP_SIGNALS:  # before the banner: a signal sent once it is read must stop the server
+                previous[signum] = signal.signal(signum, _raise_stopped)
+            print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
+            print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
+            threading.Event().wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
