@@ -542,14 +542,25 @@ class EventStreamResponse(StreamingResponse):
                     await write(HEARTBEAT)
 
         beating = None if self.heartbeat_s is None else asyncio.ensure_future(heartbeats(self.heartbeat_s))
+        producing = asyncio.ensure_future(all_events())
         try:
-            await asyncio.wait_for(all_events(), self.max_duration_s)
-        except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
-            await write(self.on_timeout())
+            await asyncio.wait((producing,), timeout=self.max_duration_s)
+            last_words = None
+            if not producing.done():
+                # Ask for the last words before cancelling: the events' cleanup then
+                # already sees the stream as failed (by timeout), not as cancelled.
+                last_words = self.on_timeout()
+                producing.cancel()
+                await asyncio.wait((producing,))
+            if not producing.cancelled():
+                producing.result()  # the events' own errors propagate
+            if last_words is not None:
+                await write(last_words)
         finally:
-            if beating is not None:
-                beating.cancel()
-                await asyncio.wait((beating,))
+            for task in (producing, beating):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait((task,))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _cancelled_on_disconnect(self, receive: Receive, send: Send) -> None:
@@ -687,11 +698,15 @@ async def _relative_slash_redirect(router: Router, scope: Scope, receive: Receiv
 
 
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
-    """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
+    """Build the chat app: `settings` sets limits and defaults; `models` adds token sources.
+
+    `models` is added to the built-in `MODELS` (`sim`, `echo`), and a name already
+    there is replaced, so plugging in a model changes no endpoint and no default.
+    """
     from . import dialects  # the provider APIs (/v1/...) build on this module
 
     settings = settings or Settings()
-    models = dict(MODELS if models is None else models)
+    models = {**MODELS, **(models or {})}
     stats = StreamStats()
     chat_stats = ChatStats()
 
