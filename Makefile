@@ -8,7 +8,7 @@ JUPYTER_PORT ?= 8888
 # Jupyter refuses to run as root (containers, CI) unless told that is intended.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test lint demo serve notebooks format clean
+.PHONY: lab test lint demo serve model notebooks format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/python -m sse_lab.course.authoring --check
 	$(BIN)/pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+
+# The real model of notebook 10 (optional): llama-cpp-python builds from source once per environment.
+model: $(VENV)/.installed-model
 
 demo: $(VENV)/.installed-lab
 	$(BIN)/python -m sse_lab demo --output build/why_streaming.png
