@@ -178,7 +178,7 @@ def disconnect_waste(*, leave_after: int = 3, runs: int = 3, max_tokens: int = 2
     return wastes
 
 
-def _wait_until(condition: Callable[[], object], *, what: str, timeout_s: float = 10.0) -> None:
+def _wait_until(condition: Callable[[], object], *, what: str, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -186,7 +186,7 @@ def _wait_until(condition: Callable[[], object], *, what: str, timeout_s: float 
         time.sleep(0.002)
 
 
-def _wait_for_the_model(url: str, timeout_s: float = 10.0) -> dict[str, int]:
+def _wait_for_the_model(url: str, timeout_s: float = 60.0) -> dict[str, int]:
     """The model's counters once no stream is open and no generation holds or waits for the model."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -246,14 +246,19 @@ class Profile:
         }
 
 
+_FILLER = "the river runs past a quiet town where people stream music and news every day"
+_QUESTION = "Summarise the text above in one short sentence."
+
+
 def prompt_of(words: int) -> str:
-    """A prompt of about `words` words (the kit's token count) ending in a question."""
-    filler = " ".join(f"item{index}" for index in range(max(0, words - 8)))
-    return f"{filler} Summarise the list above in one short sentence."
+    """A prompt of `words` words (the kit's token count), common ones of about one model token each."""
+    filler, question = _FILLER.split(), _QUESTION.split()
+    padding = [filler[index % len(filler)] for index in range(max(0, words - len(question)))]
+    return " ".join(padding + question)
 
 
 def prefill_profile(
-    prompt_words: Sequence[int] = (10, 150, 300), *, runs: int = 2, max_tokens: int = 24, progress: bool = True
+    prompt_words: Sequence[int] = (10, 100, 200), *, runs: int = 2, max_tokens: int = 24, progress: bool = True
 ) -> dict[int, list[ChatResult]]:
     """The real model's TTFT and token gaps for prompts of several lengths. Returns `{words: [ChatResult, ...]}`."""
     model = LlamaModel()
@@ -290,7 +295,7 @@ def fit_profile(measured: dict[int, list[ChatResult]]) -> Profile:
 
 
 def sim_with_profile(
-    profile: Profile, prompt_words: Sequence[int] = (10, 150, 300), *, max_tokens: int = 24
+    profile: Profile, prompt_words: Sequence[int] = (10, 100, 200), *, max_tokens: int = 24
 ) -> dict[int, ChatResult]:
     """The simulated model with the fitted profile, on the same prompts: `{words: ChatResult}`."""
     with serve_in_background() as server:
