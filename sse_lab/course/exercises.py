@@ -9,6 +9,7 @@ notebook runs from top to bottom.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from itertools import product
 
@@ -266,21 +267,22 @@ def check_detokenize(detokenize: Callable[[list[bytes]], list[str]]) -> None:
 
 
 def check_predicted_ttft(predicted_ttft: Callable[[int, float, float], float], base_url: str) -> None:
-    """Exercise 10.2: the TTFT of the k-th of three clients that ask one model at once, within 40 %."""
+    """Exercise 10.2: the TTFT of the k-th of three clients that ask one model at once, within 50 %."""
     from concurrent.futures import ThreadPoolExecutor
 
     exercise = "Exercise 2 (predict the wait)"
     if not _attempted(exercise, lambda: predicted_ttft(0, 0.1, 0.5)):
         return
     params: dict[str, Param] = {"model": "smollm2", "max_tokens": 8}
-    alone = stream_chat(base_url, "Say something short.", **params)
-    assert alone.ttft is not None and alone.e2e is not None
+    alone = [stream_chat(base_url, "Say something short.", **params) for _ in range(3)]
+    alone_ttft = statistics.median(result.ttft or 0.0 for result in alone)
+    alone_e2e = statistics.median(result.e2e or 0.0 for result in alone)
     with ThreadPoolExecutor(max_workers=3) as pool:
         futures = [pool.submit(stream_chat, base_url, "Say something short.", **params) for _ in range(3)]
         measured = sorted(result.ttft or 0.0 for result in (future.result() for future in futures))
     for k, ttft in enumerate(measured):
-        guess = predicted_ttft(k, alone.ttft, alone.e2e)
-        assert abs(guess - ttft) <= 0.4 * ttft, (
+        guess = predicted_ttft(k, alone_ttft, alone_e2e)
+        assert abs(guess - ttft) <= 0.5 * ttft, (
             f"client {k}: predicted {guess * 1000:.0f} ms, measured {ttft * 1000:.0f} ms. "
             "What does client k wait for before its own prefill starts?"
         )

@@ -165,7 +165,9 @@ def disconnect_waste(*, leave_after: int = 3, runs: int = 3, max_tokens: int = 2
     with serve_in_background(app_with(model)) as server:
         for run in range(runs):
             before = fetch_stats(server.url)["models"][REAL]
-            read = read_then_leave(server.url, PROMPT, leave_after, model=REAL, max_tokens=max_tokens, seed=run)
+            read = read_then_leave(
+                server.url, PROMPT, leave_after, timeout_s=60, model=REAL, max_tokens=max_tokens, seed=run
+            )
             after = _wait_for_the_model(server.url)
             wastes.append(
                 Waste(
