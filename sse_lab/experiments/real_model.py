@@ -260,7 +260,7 @@ def prompt_of(words: int) -> str:
 
 
 def prefill_profile(
-    prompt_words: Sequence[int] = (10, 100, 200), *, runs: int = 2, max_tokens: int = 24, progress: bool = True
+    prompt_words: Sequence[int] = (10, 80, 160), *, runs: int = 2, max_tokens: int = 24, progress: bool = True
 ) -> dict[int, list[ChatResult]]:
     """The real model's TTFT and token gaps for prompts of several lengths. Returns `{words: [ChatResult, ...]}`."""
     model = LlamaModel()
@@ -297,7 +297,7 @@ def fit_profile(measured: dict[int, list[ChatResult]]) -> Profile:
 
 
 def sim_with_profile(
-    profile: Profile, prompt_words: Sequence[int] = (10, 100, 200), *, max_tokens: int = 24
+    profile: Profile, prompt_words: Sequence[int] = (10, 80, 160), *, max_tokens: int = 24
 ) -> dict[int, ChatResult]:
     """The simulated model with the fitted profile, on the same prompts: `{words: ChatResult}`."""
     with serve_in_background() as server:
