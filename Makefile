@@ -11,7 +11,7 @@ FLAGS ?=
 # Jupyter refuses to run as root (containers, CI) unless told that is intended.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test lint demo serve handout notebooks format clean
+.PHONY: lab test lint demo serve handout model notebooks format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ TEST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m sse_lab.course.authoring --check
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+
+# The real model of notebook 10 (optional): llama-cpp-python builds from source once per environment.
+model: $(VENV)/.installed-model
 
 demo: $(VENV)/.installed-lab
 	$(BIN)/python -m sse_lab demo --output build/why_streaming.png

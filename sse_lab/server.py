@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -164,6 +164,7 @@ _NUMBERS = {
     "token_ms": _Number(float, 0, 10_000),
     "jitter_ms": _Number(float, 0, 10_000),
     "seed": _Number(int, 0, 2**32 - 1),
+    "ttft_per_prompt_token_ms": _Number(float, 0, 1_000),
 }
 
 PARAMETERS = ("prompt", "model", "max_tokens", *_NUMBERS)
@@ -612,6 +613,13 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
     )
 
 
+def _model_stats(models: Mapping[str, TokenSource]) -> dict[str, dict[str, int]]:
+    """The counters of the token sources that keep some (a real model's queue depth, say)."""
+    return {
+        name: asdict(source.stats) for name, source in models.items() if is_dataclass(getattr(source, "stats", None))
+    }
+
+
 @dataclass
 class ChatStats:
     """Counters of the buffered endpoint, `GET /api/chat`, reported by `GET /api/stats` next to `StreamStats`.
@@ -738,7 +746,10 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             chat_stats.chats_active -= 1
 
     async def stream_stats(request: Request) -> Response:
-        return JSONResponse(asdict(stats) | asdict(chat_stats))
+        counters: dict[str, Any] = asdict(stats) | asdict(chat_stats)
+        if model_stats := _model_stats(models):
+            counters["models"] = model_stats
+        return JSONResponse(counters)
 
     async def invalid_parameter(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidParameter)

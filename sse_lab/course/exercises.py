@@ -9,6 +9,7 @@ notebook runs from top to bottom.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from itertools import product
 from typing import Any
@@ -244,6 +245,51 @@ def check_proxy_config(sse_proxy_config: Callable[[], ProxyConfig]) -> None:
         f"through {config.label}, the tokens arrived in lumps of {result.lumps}: something still holds them"
     )
     _passed(exercise, f"{config.label}: tokens arrived one by one, compressed.")
+
+
+# Notebook 10: a real model
+
+_SPLIT_TEXTS = ("🌊🔥", "日本語", "naïve café", "e\u0301", "👩‍💻 ok")
+
+
+def check_detokenize(detokenize: Callable[[list[bytes]], list[str]]) -> None:
+    """Exercise 10.1: pieces that never end inside a character and join to the text, however tokens split it."""
+    exercise = "Exercise 1 (a detokenizer that never breaks a character)"
+    if not _attempted(exercise, lambda: detokenize([b"a"])):
+        return
+    for text in _SPLIT_TEXTS:
+        raw = text.encode()
+        for cut in range(1, len(raw)):
+            tokens = [raw[:cut], raw[cut:]]
+            sent = detokenize(tokens)
+            assert "".join(sent) == text, f"{tokens!r} became {sent!r}: the pieces must join to {text!r}"
+            assert all("\ufffd" not in piece for piece in sent), f"{tokens!r} became {sent!r}: a broken character"
+        each_byte = [raw[index : index + 1] for index in range(len(raw))]
+        assert "".join(detokenize(each_byte)) == text, f"{text!r} fed a byte at a time came out wrong"
+    _passed(exercise, "Every split of emoji, CJK and combining accents arrived whole.")
+
+
+def check_predicted_ttft(predicted_ttft: Callable[[int, float, float], float], base_url: str) -> None:
+    """Exercise 10.2: the TTFT of the k-th of three clients that ask one model at once, within 50 %."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    exercise = "Exercise 2 (predict the wait)"
+    if not _attempted(exercise, lambda: predicted_ttft(0, 0.1, 0.5)):
+        return
+    params: dict[str, Param] = {"model": "smollm2", "max_tokens": 8}
+    alone = [stream_chat(base_url, "Say something short.", **params) for _ in range(3)]
+    alone_ttft = statistics.median(result.ttft or 0.0 for result in alone)
+    alone_e2e = statistics.median(result.e2e or 0.0 for result in alone)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(stream_chat, base_url, "Say something short.", **params) for _ in range(3)]
+        measured = sorted(result.ttft or 0.0 for result in (future.result() for future in futures))
+    for k, ttft in enumerate(measured):
+        guess = predicted_ttft(k, alone_ttft, alone_e2e)
+        assert abs(guess - ttft) <= 0.5 * ttft, (
+            f"client {k}: predicted {guess * 1000:.0f} ms, measured {ttft * 1000:.0f} ms. "
+            "What does client k wait for before its own prefill starts?"
+        )
+    _passed(exercise, f"Measured {', '.join(f'{ttft * 1000:.0f}' for ttft in measured)} ms.")
 
 
 # ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
