@@ -14,7 +14,7 @@
   const LOG_ROWS = 2000; // the table keeps the latest rows; sseLab.log keeps them all
   const $ = (id) => document.getElementById(id);
 
-  const lab = { runs: {}, log: [], many: null, openMany, protocol };
+  const lab = { runs: {}, log: [], many: null, start, openMany, protocol };
   window.sseLab = lab;
 
   function query(names) {
@@ -270,6 +270,11 @@
     startStreamed();
     startBuffered();
     startFetch();
+  }
+
+  // One reader on its own, with the form's values: start("streamed"), start("buffered"), start("fetch").
+  function start(reader) {
+    ({ streamed: startStreamed, buffered: startBuffered, fetch: startFetch })[reader]();
   }
 
   function stopAll() {
