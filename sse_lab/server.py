@@ -50,7 +50,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
 from .sse import MEDIA_TYPE, encode_comment, encode_event
-from .web import LOOPBACK_ORIGINS, CorsMiddleware, web_routes
+from .web import LOOPBACK_ORIGINS, CorsMiddleware, check_origin, web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -733,6 +733,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
     from . import dialects  # the provider APIs (/v1/...) build on this module
 
     settings = settings or Settings()
+    cors_origins = [check_origin(origin) for origin in settings.cors_origins]  # a typo fails here, not per request
     models = {**MODELS, **(models or {})}
     stats = StreamStats()
     chat_stats = ChatStats()
@@ -794,9 +795,9 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             Route("/api/stats", stream_stats),
             *dialects.routes(settings, models, stats),
             *transport_routes(settings, models, stats),  # /ws/chat, /api/chat/poll (notebook 09)
-            *web_routes(settings.cors_origins),
+            *web_routes(cors_origins),
         ],
-        middleware=[Middleware(CorsMiddleware, origins=settings.cors_origins)],
+        middleware=[Middleware(CorsMiddleware, origins=cors_origins)],
         exception_handlers={
             InvalidParameter: invalid_parameter,
             TooManyStreams: too_many_streams,
