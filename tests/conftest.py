@@ -70,7 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def chromium_binary() -> str:
-    """The Chromium binary; skips the test without one (or without Playwright), unless SSE_LAB_REQUIRE_SYSTEM_PARTS=1."""
+    """The Chromium binary; skips without it (or Playwright), unless SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (then it errors)."""
     binary = chromium_part.chromium_or_skip()
     if binary is None:
         pytest.skip(chromium_part.SKIP_MESSAGE)

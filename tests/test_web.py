@@ -95,7 +95,9 @@ def test_the_cors_origins_setting_replaces_the_loopback_default() -> None:
     app = create_app(Settings(cors_origins=("https://course.example",)))
     with serve_in_background(app) as running:
         url = running.url + "/api/chat?prompt=hi&max_tokens=1&ttft_ms=0"
-        assert get(url, Origin="https://course.example").headers["access-control-allow-origin"] == "https://course.example"
+        assert (
+            get(url, Origin="https://course.example").headers["access-control-allow-origin"] == "https://course.example"
+        )
         assert "access-control-allow-origin" not in get(url, Origin="http://127.0.0.1:8888").headers
 
 
