@@ -484,10 +484,13 @@ def check_first_token_at(first_token_at: Callable[[int, int, float], float], chr
         return
     with serve_in_background() as server:
         timeline = connection_limit(chromium, server.url, streams=8, max_tokens=11, token_ms=40)
-    stream_s = min(s.end_ms for s in timeline.streams if s.end_ms is not None) / 1000
-    for stream in timeline.streams:
-        predicted = first_token_at(stream.index, 6, stream_s)
-        assert stream.first_token_ms is not None and abs(stream.first_token_ms / 1000 - predicted) < 0.15, (
-            f"stream #{stream.index + 1}: predicted {predicted:.2f} s, measured {stream.first_token_ms / 1000:.2f} s"
+    first_tokens = [stream.first_token_ms / 1000 for stream in timeline.streams if stream.first_token_ms is not None]
+    assert len(first_tokens) == len(timeline.streams), "a stream received no token at all"
+    stream_s = min(s.end_ms for s in timeline.streams if s.end_ms is not None) / 1000 - min(first_tokens)
+    for stream, first_token in zip(timeline.streams, first_tokens, strict=True):
+        predicted, measured = first_token_at(stream.index, 6, stream_s), first_token - min(first_tokens)
+        # Connections take a few ms each to open, more on a busy machine: half a stream's length tells wait from none.
+        assert abs(measured - predicted) < stream_s / 2, (
+            f"stream #{stream.index + 1}: predicted {predicted:.2f} s, measured {measured:.2f} s after the first"
         )
     _passed(exercise, f"measured in Chromium: streams #7 and #8 waited {stream_s:.2f} s for a free connection.")
