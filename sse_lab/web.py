@@ -20,7 +20,6 @@ from the page; its preflight is refused with 403.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -164,7 +163,7 @@ def web_routes(cors_origins: Sequence[str] = LOOPBACK_ORIGINS) -> list[BaseRoute
     async def serve_static(request: Request) -> Response:
         name = request.path_params["name"]
         if name not in files:
-            return JSONResponse({"error": "not_found", "reason": f"no static file {json.dumps(name)}"}, 404)
+            return JSONResponse({"error": "not_found", "reason": f"no static file {name!r}"}, 404)
         return Response(files[name], media_type=_STATIC_FILES[name], headers=_NO_STORE)
 
     return [Route(PAGE_PATH, serve_page), Route("/static/{name}", serve_static)]

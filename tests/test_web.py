@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -12,6 +13,9 @@ from sse_lab.experiments.browser import StreamRequests, run_page
 from sse_lab.model import sim_tokens
 from sse_lab.parts.chromium import Chromium, launch_chromium
 from sse_lab.web import LOOPBACK_ORIGINS, check_origin, origin_matcher
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 FAST = {"ttft_ms": 20, "token_ms": 5}
 
@@ -228,7 +232,7 @@ CROSS_ORIGIN_READS = """async (url) => {
 def cross_origin_reads(chromium: Chromium, page_origin: str, url: str) -> list[str]:
     """Read `url` with fetch and EventSource from a document of `page_origin` (its JSON stats: no CSP)."""
 
-    def work(browser):  # type: ignore[no-untyped-def]
+    def work(browser: Browser) -> list[str]:
         context = browser.new_context()
         try:
             page = context.new_page()

@@ -19,7 +19,7 @@ its request (see `sse_lab/static/page.js`):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -216,9 +216,7 @@ class TtftPair:
     client_ttft: float
 
 
-def browser_vs_client_ttft(
-    chromium: Chromium, base_url: str, *, runs: int = 5, progress: Callable[[], object] | None = None, **params: Param
-) -> list[TtftPair]:
+def browser_vs_client_ttft(chromium: Chromium, base_url: str, *, runs: int = 5, **params: Param) -> list[TtftPair]:
     """`runs` times: the page's EventSource on a stream, then `stream_chat` on the same stream (same parameters).
 
     Each run opens a fresh page and starts its stream once the page has painted.
@@ -241,8 +239,6 @@ def browser_vs_client_ttft(
         client = stream_chat(base_url, prompt, **{k: v for k, v in params.items() if k != "prompt"})
         assert client.ttft is not None
         pairs.append(TtftPair(in_browser, first_paint, client.ttft))
-        if progress is not None:
-            progress()
     return pairs
 
 

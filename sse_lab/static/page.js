@@ -298,7 +298,7 @@
     for (let index = 0; index < count; index++) {
       const stream = { index, createdMs: performance.now() - t0, openMs: null, firstTokenMs: null, endMs: null };
       stream.tokens = 0;
-      stream.outcome = null;
+      stream.outcome = null; // done, error (an error event), failed (the connection)
       many.streams.push(stream);
       const query = new URLSearchParams({ ...params, prompt: `stream ${index}` });
       const source = new EventSource(`/api/chat/stream?${query}`);
