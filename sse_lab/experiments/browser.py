@@ -43,10 +43,17 @@ DEFAULT_WAIT_S = 20.0
 _ALL_OVER = "(readers) => readers.every((reader) => sseLab.runs[reader] && sseLab.runs[reader].outcome !== null)"
 _AFTER_TWO_FRAMES = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
 _NOT_DROP_MARKS = "(e) => [...e.children].filter((child) => !child.matches('.drop-mark')).length"
-_SIZES = (
-    "() => [performance.now(), document.getElementById('streamed-text').textContent.length,"
-    " document.getElementById('buffered-text').textContent.length]"
-)
+# Installed before the page's own script: one sample of both panels' sizes after every change to the document,
+# however busy the machine (a mutation observer runs after each task that changed the DOM; polling would miss steps).
+_WATCH_PANELS = """
+window.__panelGrowth = [];
+new MutationObserver(() => {
+    const size = (id) => document.getElementById(id)?.textContent.length ?? 0;
+    const sample = [performance.now(), size("streamed-text"), size("buffered-text")];
+    const last = window.__panelGrowth.at(-1);
+    if (!last || last[1] !== sample[1] || last[2] !== sample[2]) window.__panelGrowth.push(sample);
+}).observe(document, { childList: true, characterData: true, subtree: true });
+"""
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ class PageRun:
     """The page after a run: each reader, and (if watched) the panels' sizes over time.
 
     growth: (ms on the page's clock, characters in the streamed panel, in the buffered
-    panel), sampled as fast as the browser answers while the readers ran.
+    panel), one sample each time either changed, recorded by a mutation observer.
     """
 
     url: str
@@ -158,7 +165,7 @@ def run_page(
 ) -> PageRun:
     """Open the page with `params` in its form, start `readers` (all three: `autostart=1`), wait for their end.
 
-    watch: sample the streamed and buffered panels' sizes while they run (`PageRun.growth`).
+    watch: record the streamed and buffered panels' sizes each time they change (`PageRun.growth`).
     screenshot: a PNG of the whole page at the end.
     """
     all_three = tuple(readers) == READERS
@@ -166,22 +173,15 @@ def run_page(
 
     def work(browser: Browser) -> PageRun:
         with _page(browser) as page:
+            if watch:
+                page.add_init_script(_WATCH_PANELS)
             page.goto(url)
             if not all_three:
                 for reader in readers:
                     page.evaluate("(reader) => sseLab.start(reader)", reader)
-            growth: list[tuple[float, int, int]] = []
-            if watch:
-                deadline = time.monotonic() + timeout_s
-                while not page.evaluate(_ALL_OVER, list(readers)):
-                    at, streamed, buffered = page.evaluate(_SIZES)
-                    growth.append((at, streamed, buffered))
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"the page's readers did not end within {timeout_s} s")
-                at, streamed, buffered = page.evaluate(_SIZES)
-                growth.append((at, streamed, buffered))
-            else:
-                _wait_over(page, readers, timeout_s)
+            _wait_over(page, readers, timeout_s)
+            samples = page.evaluate("() => window.__panelGrowth ?? []")
+            growth = [(float(at), int(streamed), int(buffered)) for at, streamed, buffered in samples]
             return PageRun(
                 url=url,
                 readers={reader: _reader_run(page, reader) for reader in readers},
