@@ -423,7 +423,7 @@ def panel_growth(run: PageRun, ax: Axes | None = None) -> Axes:
     at = [sample[0] - start for sample in run.growth]
     ax.step(at, [sample[1] for sample in run.growth], where="post", label="streamed (EventSource)")
     ax.step(at, [sample[2] for sample in run.growth], where="post", label="buffered (fetch)")
-    ax.set_xlabel("time since the first sample (ms)")
+    ax.set_xlabel("ms on the page's clock")
     ax.set_ylabel("characters on screen")
     ax.set_title("What the room can read, moment by moment")
     ax.legend()

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import statistics
 from collections.abc import Iterator
 
 import pytest
@@ -31,8 +30,8 @@ def test_the_browser_and_the_python_client_agree_on_ttft_over_loopback(
     for pair in pairs:
         assert pair.browser_ttft >= 0.1 and pair.client_ttft >= 0.1  # neither beats the model's prefill
         assert pair.browser_first_paint >= pair.browser_ttft
-    difference = statistics.median(pair.browser_ttft - pair.client_ttft for pair in pairs)
-    assert abs(difference) < 0.1, f"median browser - client TTFT: {1000 * difference:.0f} ms"
+    difference = min(pair.browser_ttft for pair in pairs) - min(pair.client_ttft for pair in pairs)
+    assert abs(difference) < 0.1, f"best browser TTFT - best client TTFT: {1000 * difference:.0f} ms"
 
 
 def test_the_reconnection_gap_follows_the_retry_the_server_announced(chromium: Chromium) -> None:
