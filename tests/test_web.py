@@ -142,7 +142,7 @@ def test_the_streamed_panel_grows_in_many_steps_while_the_buffered_one_stays_emp
 def test_all_three_panels_end_with_the_same_text_and_their_measurements(
     chromium: Chromium, server: BackgroundServer
 ) -> None:
-    run = run_page(chromium, server.url, prompt="same", max_tokens=20, **FAST)
+    run = run_page(chromium, server.url, prompt="same", max_tokens=20, ttft_ms=20, token_ms=15)
     whole = "".join(sim_tokens("same", 20))
     for reader in run.readers.values():
         assert (reader.text, reader.tokens, reader.outcome) == (whole, 20, "done"), reader.reader

@@ -26,12 +26,13 @@ def chromium(chromium_binary: str) -> Iterator[Chromium]:
 def test_the_browser_and_the_python_client_agree_on_ttft_over_loopback(
     chromium: Chromium, server: BackgroundServer
 ) -> None:
-    pairs = browser_vs_client_ttft(chromium, server.url, runs=2, max_tokens=3, ttft_ms=100, token_ms=5)
+    pairs = browser_vs_client_ttft(chromium, server.url, runs=3, max_tokens=3, ttft_ms=100, token_ms=5)
     for pair in pairs:
         assert pair.browser_ttft >= 0.1 and pair.client_ttft >= 0.1  # neither beats the model's prefill
         assert pair.browser_first_paint >= pair.browser_ttft
     difference = min(pair.browser_ttft for pair in pairs) - min(pair.client_ttft for pair in pairs)
-    assert abs(difference) < 0.1, f"best browser TTFT - best client TTFT: {1000 * difference:.0f} ms"
+    # A few ms on a quiet machine; a loaded one delays the browser's processes more than the in-process client.
+    assert abs(difference) < 0.25, f"best browser TTFT - best client TTFT: {1000 * difference:.0f} ms"
 
 
 def test_the_reconnection_gap_follows_the_retry_the_server_announced(chromium: Chromium) -> None:
