@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background
-from sse_lab.experiments.browser import StreamRequests, run_page
+from sse_lab.experiments.browser import AFTER_TWO_FRAMES, StreamRequests, page_url, run_page
 from sse_lab.model import sim_tokens
 from sse_lab.parts.chromium import Chromium, launch_chromium
 from sse_lab.web import LOOPBACK_ORIGINS, check_origin, origin_matcher
@@ -258,3 +258,29 @@ def test_a_page_on_an_origin_outside_the_allow_list_cannot_read_them(
     with serve_in_background(create_app(Settings(cors_origins=("https://course.example",)))) as other:
         url = other.url + "/api/chat?prompt=from+afar&model=echo&ttft_ms=0&token_ms=0"
         assert cross_origin_reads(chromium, server.url, url) == ["TypeError", "refused"]
+
+
+def test_the_pages_button_opens_eight_streams_and_shows_when_each_started(
+    chromium: Chromium, server: BackgroundServer
+) -> None:
+    def work(browser: Browser) -> tuple[str, list[list[str]]]:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            page.goto(page_url(server.url, autostart=False, max_tokens=8, ttft_ms=0, token_ms=30))
+            page.click("#open-many")
+            page.wait_for_function("() => sseLab.many.done")
+            page.wait_for_function("() => document.querySelectorAll('#many tr').length === 8")
+            page.evaluate(AFTER_TWO_FRAMES)  # the table is redrawn on each frame
+            rows = page.eval_on_selector_all(
+                "#many tr", "(rows) => rows.map((r) => [...r.cells].map((c) => c.textContent))"
+            )
+            return page.text_content("#many-protocol") or "", rows
+        finally:
+            context.close()
+
+    protocol, rows = chromium.run(work)
+    assert protocol == "http/1.1"
+    assert [row[1] for row in rows] == ["done"] * 8
+    first_end = min(float(row[3]) for row in rows)
+    assert sum(float(row[2]) >= first_end for row in rows) == 2  # #7 and #8 waited for a connection

@@ -41,7 +41,8 @@ READERS = ("streamed", "buffered", "fetch")
 VIEWPORT = {"width": 1280, "height": 800}
 DEFAULT_WAIT_S = 20.0
 _ALL_OVER = "(readers) => readers.every((reader) => sseLab.runs[reader] && sseLab.runs[reader].outcome !== null)"
-_AFTER_TWO_FRAMES = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
+# Resolves once two animation frames have run: whatever the page changed before has been painted.
+AFTER_TWO_FRAMES = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
 _NOT_DROP_MARKS = "(e) => [...e.children].filter((child) => !child.matches('.drop-mark')).length"
 # Installed before the page's own script: one sample of both panels' sizes after every change to the document,
 # however busy the machine (a mutation observer runs after each task that changed the DOM; polling would miss steps).
@@ -226,7 +227,7 @@ def browser_vs_client_ttft(chromium: Chromium, base_url: str, *, runs: int = 5, 
     def browser_run(browser: Browser) -> tuple[float, float]:
         with _page(browser) as page:
             page.goto(page_url(base_url, autostart=False, **params))
-            page.evaluate(_AFTER_TWO_FRAMES)  # the page has painted once: the token's paint is not the page's
+            page.evaluate(AFTER_TWO_FRAMES)  # the page has painted once: the token's paint is not the page's
             page.evaluate("() => sseLab.start('streamed')")
             _wait_over(page, ["streamed"], DEFAULT_WAIT_S)
             run = page.evaluate("() => [sseLab.runs.streamed.ttftMs, sseLab.runs.streamed.firstPaintMs]")

@@ -286,7 +286,29 @@
       const run = lab.runs[reader];
       if (run) $(`${reader}-clock`).textContent = `${((run.endMs ?? since(run)) / 1000).toFixed(2)} s`;
     }
+    if (lab.many) showMany(lab.many);
     requestAnimationFrame(tick);
+  }
+
+  function showMany(many) {
+    const body = $("many");
+    while (body.rows.length < many.streams.length) {
+      const row = body.insertRow();
+      for (let column = 0; column < 4; column++) row.insertCell();
+    }
+    many.streams.forEach((stream, index) => {
+      const state = stream.outcome ?? (stream.firstTokenMs === null ? "waiting for a connection" : "receiving");
+      const cells = [`#${index + 1}`, state, stream.firstTokenMs?.toFixed(0) ?? "", stream.endMs?.toFixed(0) ?? ""];
+      cells.forEach((text, column) => {
+        body.rows[index].cells[column].textContent = text;
+      });
+      body.rows[index].className = state.startsWith("waiting") ? "waiting" : "";
+    });
+  }
+
+  function openManyFromForm() {
+    $("many").replaceChildren();
+    openMany(8, Object.fromEntries(query(MODEL_KNOBS.filter((name) => name !== "prompt"))));
   }
 
   // `count` EventSources at once, each on its own prompt; sseLab.many.streams says when each
@@ -336,6 +358,8 @@
     startAll();
   });
   $("stop").addEventListener("click", stopAll);
+  $("open-many").addEventListener("click", openManyFromForm);
+  $("many-protocol").textContent = protocol() || "?";
   requestAnimationFrame(tick);
   if (params.get("autostart") === "1") startAll();
 })();
