@@ -57,7 +57,7 @@ def test_only_the_pages_own_files_are_served_from_static(server: BackgroundServe
 
 
 @pytest.mark.parametrize("origin", ["http://127.0.0.1:8888", "http://localhost:3000", "http://[::1]:8888"])
-@pytest.mark.parametrize("path", ["/api/chat?prompt=hi&max_tokens=2", "/api/chat/stream?prompt=hi&max_tokens=2"])
+@pytest.mark.parametrize("path", ["/api/chat?prompt=hi&ttft_ms=0&token_ms=0", "/api/chat/stream?prompt=hi&ttft_ms=0"])
 def test_loopback_origins_on_any_port_may_read_the_chat_endpoints(
     server: BackgroundServer, origin: str, path: str
 ) -> None:

@@ -12,6 +12,7 @@ from sse_lab.parts import chromium as chromium_part
 from sse_lab.parts.chromium import (
     CHROMIUM_ARGS,
     SKIP_MESSAGE,
+    Chromium,
     ChromiumNotFoundError,
     chromium_or_skip,
     find_chromium,
@@ -83,18 +84,15 @@ def test_the_browser_runs_quiet_and_headless() -> None:
     assert "--ignore-certificate-errors" not in CHROMIUM_ARGS  # only when asked for
 
 
-def test_the_browser_works_from_inside_a_running_event_loop_as_in_a_kernel(chromium_binary: str) -> None:
-    async def in_a_kernel() -> tuple[str, str]:
-        with launch_chromium(chromium_binary) as chromium:
-            return chromium.version, chromium.run(lambda browser: threading.current_thread().name)
-
-    version, thread = asyncio.run(in_a_kernel())
-    assert version[0].isdigit() and thread.startswith("sse-lab-chromium")
-
-
-def test_stop_ends_the_browser_its_processes_and_its_thread(chromium_binary: str) -> None:
+def test_the_browser_runs_inside_an_event_loop_as_in_a_kernel_and_stop_ends_everything(chromium_binary: str) -> None:
     before = child_processes()
-    chromium = launch_chromium(chromium_binary, ignore_certificate_errors=True)
+
+    async def in_a_kernel() -> tuple[Chromium, str]:
+        chromium = launch_chromium(chromium_binary, ignore_certificate_errors=True)
+        return chromium, chromium.run(lambda browser: threading.current_thread().name)
+
+    chromium, thread = asyncio.run(in_a_kernel())
+    assert chromium.version[0].isdigit() and thread.startswith("sse-lab-chromium")
     assert "--ignore-certificate-errors" in chromium.args
     assert child_processes() - before
     chromium.stop()
