@@ -103,9 +103,10 @@ class CorsMiddleware:
         if scope["type"] != "http" or scope["path"] not in CORS_PATHS:
             await self.app(scope, receive, send)
             return
-        origin = Headers(scope=scope).get("origin")
+        request_headers = Headers(scope=scope)
+        origin = request_headers.get("origin")
         allowed = origin is not None and self.allowed(origin)
-        if scope["method"] == "OPTIONS" and "access-control-request-method" in Headers(scope=scope):
+        if scope["method"] == "OPTIONS" and "access-control-request-method" in request_headers:
             await self._preflight(origin if allowed else None)(scope, receive, send)
             return
 
