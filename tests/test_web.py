@@ -284,3 +284,22 @@ def test_the_pages_button_opens_eight_streams_and_shows_when_each_started(
     assert [row[1] for row in rows] == ["done"] * 8
     first_end = min(float(row[3]) for row in rows)
     assert sum(float(row[2]) >= first_end for row in rows) == 2  # #7 and #8 waited for a connection
+
+
+def test_query_parameters_fill_the_form_and_big_is_presenter_mode(chromium: Chromium, server: BackgroundServer) -> None:
+    def work(browser: Browser) -> tuple[dict[str, str], str, str]:
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            fields = {"prompt": "a <b>bold</b> prompt", "model": "echo", "max_tokens": "7", "drop_after": "3"}
+            page.goto(page_url(server.url, autostart=False, big=True, **fields))
+            filled = {name: page.input_value(f"#knobs [name={name}]") for name in fields}
+            big = page.evaluate("() => getComputedStyle(document.body).fontSize")
+            page.goto(page_url(server.url, autostart=False))
+            return filled, big, page.evaluate("() => getComputedStyle(document.body).fontSize")
+        finally:
+            context.close()
+
+    filled, big, normal = chromium.run(work)
+    assert filled == {"prompt": "a <b>bold</b> prompt", "model": "echo", "max_tokens": "7", "drop_after": "3"}
+    assert float(big.removesuffix("px")) > 1.5 * float(normal.removesuffix("px"))
