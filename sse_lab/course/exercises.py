@@ -483,14 +483,18 @@ def check_first_token_at(first_token_at: Callable[[int, int, float], float], chr
         _passed(exercise, "(no browser here: checked against the arithmetic only)")
         return
     with serve_in_background() as server:
-        timeline = connection_limit(chromium, server.url, streams=8, max_tokens=11, token_ms=40)
+        timeline = connection_limit(chromium, server.url, streams=8, max_tokens=16, token_ms=40)
     first_tokens = [stream.first_token_ms / 1000 for stream in timeline.streams if stream.first_token_ms is not None]
-    assert len(first_tokens) == len(timeline.streams), "a stream received no token at all"
-    stream_s = min(s.end_ms for s in timeline.streams if s.end_ms is not None) / 1000 - min(first_tokens)
+    ends = [stream.end_ms / 1000 for stream in timeline.streams if stream.end_ms is not None]
+    assert len(first_tokens) == len(ends) == len(timeline.streams), "a stream did not receive its whole answer"
+    stream_s = min(ends) - min(first_tokens)  # from the first token to the first connection freed
     for stream, first_token in zip(timeline.streams, first_tokens, strict=True):
-        predicted, measured = first_token_at(stream.index, 6, stream_s), first_token - min(first_tokens)
-        # Connections take a few ms each to open, more on a busy machine: half a stream's length tells wait from none.
-        assert abs(measured - predicted) < stream_s / 2, (
+        predicted, waited = first_token_at(stream.index, 6, stream_s), first_token >= min(ends)
+        measured = first_token - min(first_tokens)
+        # A busy machine spreads the first six over a good part of a stream: what tells them apart is whether
+        # a stream had to wait for the first one to end, and then that it started when it did.
+        on_time = not waited or abs(measured - predicted) < stream_s / 2
+        assert waited == (predicted > 0) and on_time, (
             f"stream #{stream.index + 1}: predicted {predicted:.2f} s, measured {measured:.2f} s after the first"
         )
     _passed(exercise, f"measured in Chromium: streams #7 and #8 waited {stream_s:.2f} s for a free connection.")
