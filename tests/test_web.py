@@ -267,7 +267,7 @@ def test_the_pages_button_opens_eight_streams_and_shows_when_each_started(
         context = browser.new_context()
         try:
             page = context.new_page()
-            page.goto(page_url(server.url, autostart=False, max_tokens=8, ttft_ms=0, token_ms=30))
+            page.goto(page_url(server.url, autostart=False, max_tokens=16, ttft_ms=0, token_ms=40))
             page.click("#open-many")
             page.wait_for_function("() => sseLab.many.done")
             page.wait_for_function("() => document.querySelectorAll('#many tr').length === 8")

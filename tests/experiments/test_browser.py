@@ -49,14 +49,14 @@ def test_the_reconnection_gap_follows_the_retry_the_server_announced(chromium: C
 def test_six_streams_at_most_over_http_1_1_and_all_eight_at_once_over_http2(
     chromium: Chromium, server: BackgroundServer, nginx_binary: str
 ) -> None:
-    direct = connection_limit(chromium, server.url, streams=8, max_tokens=10, token_ms=40)
+    direct = connection_limit(chromium, server.url, streams=8, max_tokens=16, token_ms=40)
     assert direct.protocol == "http/1.1"
     assert direct.receiving_at_once() == 6
     first_end = min(stream.end_ms for stream in direct.streams if stream.end_ms is not None)
     waiting = [stream for stream in direct.streams if (stream.first_token_ms or 0) >= first_end]
     assert len(waiting) == 2 and all(stream.outcome == "done" for stream in direct.streams)
     with start_nginx(server.url, tls=True) as proxy:
-        multiplexed = connection_limit(chromium, proxy.url, streams=8, max_tokens=10, token_ms=40)
+        multiplexed = connection_limit(chromium, proxy.url, streams=8, max_tokens=16, token_ms=40)
     assert multiplexed.protocol == "h2"
     assert multiplexed.receiving_at_once() == 8
 
