@@ -243,7 +243,8 @@ def test_serve_refuses_a_port_in_use_with_a_clear_message() -> None:
 
 
 def test_serve_prints_the_pages_url_and_takes_cors_origins() -> None:
-    command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0", "--cors-origin", "https://course.example"]
+    origins = "https://course.example,http://localhost:*"
+    command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0", "--cors-origin", origins]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
         try:
@@ -256,6 +257,8 @@ def test_serve_prints_the_pages_url_and_takes_cors_origins() -> None:
             chat = f"{url.group()}/api/chat?prompt=hi&max_tokens=1&ttft_ms=0"
             allowed = httpx.get(chat, headers={"Origin": "https://course.example"}, trust_env=False)
             assert allowed.headers["access-control-allow-origin"] == "https://course.example"
+            local = httpx.get(chat, headers={"Origin": "http://localhost:8888"}, trust_env=False)
+            assert local.headers["access-control-allow-origin"] == "http://localhost:8888"
             loopback = httpx.get(chat, headers={"Origin": "http://127.0.0.1:8888"}, trust_env=False)
             assert "access-control-allow-origin" not in loopback.headers
             assert "text/html" in httpx.get(f"{url.group()}/", trust_env=False).headers["content-type"]
