@@ -28,6 +28,7 @@ from .background import ServerStartError, serve_in_background
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
 from .server import Settings, create_app
+from .web import check_origin
 
 
 def _number(kind: Callable[[str], int | float], low: float, *, above: bool = False) -> Callable[[str], int | float]:
@@ -53,6 +54,14 @@ def _words(raw: str) -> tuple[str, ...]:
     if not all(words):
         raise argparse.ArgumentTypeError(f"must be comma-separated words, none of them empty, got {raw!r}")
     return words
+
+
+def _origins(raw: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated CORS origins, each exact or with any port (`http://localhost:*`)."""
+    try:
+        return tuple(check_origin(origin.strip()) for origin in raw.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,13 @@ SETTING_FLAGS = (
         _number(float, 0, above=True),
         "S",
         "close a connection whose request head has not arrived after S seconds, with 408 if part of it had",
+    ),
+    SettingFlag(
+        "--cors-origin",
+        "cors_origins",
+        _origins,
+        "ORIGINS",
+        "comma-separated browser origins that may read the chat endpoints, exact or any port with :*",
     ),
 )
 
@@ -180,6 +196,7 @@ def serve(args: argparse.Namespace) -> None:
             for signum in STOP_SIGNALS:  # before the banner: a signal sent once it is read must stop the server
                 previous[signum] = signal.signal(signum, _raise_stopped)
             print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
+            print(f"  open the page: {server.url}/", flush=True)
             print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
             threading.Event().wait()
         finally:

@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 from .metrics import ChatResult, Spread, ttfts
 
 if TYPE_CHECKING:  # the stack imports no experiment at run time
+    from .experiments.browser import ConnectionTimeline, PageRun, Reconnection, TtftPair
     from .experiments.dialects import WireCost
     from .experiments.memory import MemoryPoint
     from .experiments.payload import Smoothness
@@ -410,3 +411,73 @@ def transport_bars(panels: Mapping[str, Mapping[str, float]], units: Mapping[str
     figure.legend(handles, labels, loc="lower center", ncols=min(3, len(transports)), frameon=False)
     figure.tight_layout(rect=(0, 0.07 * rows + 0.02, 1, 1))
     return figure
+
+
+# In the browser (notebook 06)
+
+
+def panel_growth(run: PageRun, ax: Axes | None = None) -> Axes:
+    """Characters shown in the streamed and the buffered panel over time, as sampled from the page."""
+    ax = _axes(ax)
+    start = run.growth[0][0]
+    at = [sample[0] - start for sample in run.growth]
+    ax.step(at, [sample[1] for sample in run.growth], where="post", label="streamed (EventSource)")
+    ax.step(at, [sample[2] for sample in run.growth], where="post", label="buffered (fetch)")
+    ax.set_xlabel("ms on the page's clock")
+    ax.set_ylabel("characters on screen")
+    ax.set_title("What the room can read, moment by moment")
+    ax.legend()
+    return ax
+
+
+def browser_vs_client(pairs: Sequence[TtftPair], ax: Axes | None = None) -> Axes:
+    """Per run: TTFT in the browser, its first paint, and the Python client's TTFT of the same stream."""
+    ax = _axes(ax)
+    runs = range(1, len(pairs) + 1)
+    ax.plot(runs, [1000 * pair.client_ttft for pair in pairs], "o-", label="Python client TTFT")
+    ax.plot(runs, [1000 * pair.browser_ttft for pair in pairs], "s-", label="browser TTFT (EventSource)")
+    ax.plot(runs, [1000 * pair.browser_first_paint for pair in pairs], "^--", label="browser: first paint")
+    ax.set_xticks(list(runs))
+    ax.set_xlabel("run")
+    ax.set_ylabel("ms after the request")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    return ax
+
+
+def reconnection_gaps(runs: Mapping[int, Reconnection], ax: Axes | None = None) -> Axes:
+    """Each drop's gap against the `retry` the server announced; the line is gap = retry."""
+    ax = _axes(ax)
+    for retry_ms, run in runs.items():
+        ax.scatter(
+            [retry_ms] * len(run.gaps_ms), run.gaps_ms, zorder=3, label=f"retry: {retry_ms} ({len(run.gaps_ms)} drops)"
+        )
+    top = max(runs) * 1.15
+    ax.plot([0, top], [0, top], color="grey", lw=1, label="gap = retry")
+    ax.set_xlabel("retry announced by the server (ms)")
+    ax.set_ylabel("gap in the text after a drop (ms)")
+    ax.legend()
+    return ax
+
+
+def connection_timeline(timeline: ConnectionTimeline, ax: Axes | None = None) -> Axes:
+    """One bar per EventSource: waiting (created, no token yet) in grey, then receiving until its end."""
+    ax = _axes(ax)
+    labels = {"requested, no token yet": "lightgrey", "receiving tokens": "tab:blue"}
+    for stream in timeline.streams:
+        spans = {}
+        if stream.first_token_ms is not None:
+            spans["requested, no token yet"] = (stream.created_ms, stream.first_token_ms)
+            if stream.end_ms is not None:
+                spans["receiving tokens"] = (stream.first_token_ms, stream.end_ms)
+        for label, (start, end) in spans.items():
+            ax.barh(stream.index, end - start, left=start, height=0.6, color=labels[label], label=label)
+    handles, names = ax.get_legend_handles_labels()
+    unique = dict(zip(names, handles, strict=True))  # one legend entry per kind of span
+    ax.legend(unique.values(), unique.keys(), loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    ax.set_yticks([stream.index for stream in timeline.streams], [f"#{s.index + 1}" for s in timeline.streams])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the first EventSource was created")
+    ax.set_ylabel("EventSource")
+    ax.set_title(f"{len(timeline.streams)} streams from one page over {timeline.protocol}")
+    return ax

@@ -3,6 +3,7 @@
     GET /api/chat/stream?prompt=...   text/event-stream: `token` events, then `done`
     GET /api/chat?prompt=...          application/json, sent once generation ends
     GET /api/stats                    counters of the streams and answers served so far
+    GET /                             the classroom page (sse_lab.web), and its /static/ files
 
 Both chat endpoints take the same query parameters (see `PARAMETERS`); the
 stream takes a few more (`STREAM_PARAMETERS`). Anything malformed is refused
@@ -19,6 +20,11 @@ A stream opens with a `retry:` line and every token event carries its index as
 `id`, so a client that lost the connection reconnects with `Last-Event-ID` and
 gets the rest of the text, no gap and no duplicate. While the model is silent
 (a long prefill), a comment line goes out every `heartbeat_s` seconds.
+`drop_after=N` rehearses a lost connection: the response ends after N token
+events, without `done`, as a network cut would.
+
+Browsers on other origins may read both chat endpoints when their origin is in
+`Settings.cors_origins` (by default loopback on any port); see `sse_lab.web`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import Any, TypeVar
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Match, Route, Router
@@ -43,6 +50,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
 from .sse import MEDIA_TYPE, encode_comment, encode_event
+from .web import LOOPBACK_ORIGINS, CorsMiddleware, check_origin, web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,8 @@ class Settings:
         waste of a server that does not: the model runs on and its tokens are dropped.
     header_timeout_s: a connection whose request head has not fully arrived this many
         seconds after it opened is answered 408 and closed (`serve_in_background`).
+    cors_origins: browser origins on other sites allowed to read the chat endpoints,
+        exact (`https://app.example`) or with any port (`http://localhost:*`).
     """
 
     max_prompt_chars: int = 8_000
@@ -82,6 +92,7 @@ class Settings:
     max_concurrent_streams: int = 32
     max_stream_s: float = 300.0
     cancel_on_disconnect: bool = True
+    cors_origins: tuple[str, ...] = LOOPBACK_ORIGINS
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
     header_timeout_s: float = 5.0
 
@@ -168,7 +179,7 @@ _NUMBERS = {
 }
 
 PARAMETERS = ("prompt", "model", "max_tokens", *_NUMBERS)
-STREAM_PARAMETERS = ("last_event_id", "heartbeat_s", "context_window", "blocklist", "fail_after")
+STREAM_PARAMETERS = ("last_event_id", "heartbeat_s", "context_window", "blocklist", "fail_after", "drop_after")
 
 # A token event's id is its index: ASCII digits, no sign, no leading zero.
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")
@@ -180,7 +191,9 @@ class StreamOptions:
 
     prompt_tokens: what the prompt takes of the context window. fail_after: the
     model raises `InjectedFault` instead of producing token number `fail_after`
-    (None: never).
+    (None: never). drop_after: the response ends after this many token events
+    of its connection, without `done`, unless the stream is over by then (None:
+    never); a resumed connection is dropped after as many again.
     """
 
     heartbeat_s: float
@@ -188,6 +201,7 @@ class StreamOptions:
     prompt_tokens: int
     blocklist: tuple[str, ...]
     fail_after: int | None = None
+    drop_after: int | None = None
 
 
 @dataclass
@@ -322,7 +336,10 @@ def parse_stream_query(query: QueryParams, generation: GenerationRequest, settin
     fail_after = None
     if "fail_after" in query:
         fail_after = int(_Number(int, 0, settings.max_tokens_limit).parse("fail_after", query["fail_after"]))
-    return StreamOptions(heartbeat_s, context_window, in_prompt, blocklist, fail_after)
+    drop_after = None
+    if "drop_after" in query:  # at least 1, or a resumed stream would never get further
+        drop_after = int(_Number(int, 1, settings.max_tokens_limit).parse("drop_after", query["drop_after"]))
+    return StreamOptions(heartbeat_s, context_window, in_prompt, blocklist, fail_after, drop_after)
 
 
 def _finish_reason(tokens: int, request: GenerationRequest) -> str:
@@ -417,6 +434,8 @@ class ChatStream:
                     return
                 yield self.token_event(token, index)
                 index += 1
+                if index - generation.resume_from == options.drop_after and index < generation.max_tokens:
+                    return  # a connection cut: no `done`, the client resumes with Last-Event-ID
             self.outcome = "completed"
             yield self.done_event(_finish_reason(index, generation), index)
         finally:
@@ -714,6 +733,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
     from . import dialects  # the provider APIs (/v1/...) build on this module
 
     settings = settings or Settings()
+    cors_origins = [check_origin(origin) for origin in settings.cors_origins]  # a typo fails here, not per request
     models = {**MODELS, **(models or {})}
     stats = StreamStats()
     chat_stats = ChatStats()
@@ -775,7 +795,9 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             Route("/api/stats", stream_stats),
             *dialects.routes(settings, models, stats),
             *transport_routes(settings, models, stats),  # /ws/chat, /api/chat/poll (notebook 09)
+            *web_routes(cors_origins),
         ],
+        middleware=[Middleware(CorsMiddleware, origins=cors_origins)],
         exception_handlers={
             InvalidParameter: invalid_parameter,
             TooManyStreams: too_many_streams,

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from sse_lab import BackgroundServer, serve_in_background
+from sse_lab.parts import chromium as chromium_part
 from sse_lab.parts.nginx import SKIP_MESSAGE, ProxyConfig, nginx_or_skip
 
 matplotlib.use("Agg")
@@ -65,3 +66,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("--fuzz-long"):
         os.environ[FUZZ_LONG_ENV] = "1"  # read when tests/test_fuzz.py is imported, after this hook
+
+
+@pytest.fixture(scope="session")
+def chromium_binary() -> str:
+    """The Chromium binary; skips without it (or Playwright), unless SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (then it errors)."""
+    binary = chromium_part.chromium_or_skip()
+    if binary is None:
+        pytest.skip(chromium_part.SKIP_MESSAGE)
+    return binary

@@ -240,3 +240,37 @@ def test_serve_refuses_a_port_in_use_with_a_clear_message() -> None:
         finished = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert finished.returncode == 1
     assert finished.stderr == f"sse-lab: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_serve_prints_the_pages_url_and_takes_cors_origins() -> None:
+    origins = "https://course.example,http://localhost:*"
+    command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0", "--cors-origin", origins]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 30)
+            assert ready, "the server printed nothing within 30 s"
+            url = re.search(r"http://127\.0\.0\.1:\d+", process.stdout.readline())
+            assert url
+            page_line = process.stdout.readline()
+            assert f"{url.group()}/" in page_line
+            chat = f"{url.group()}/api/chat?prompt=hi&max_tokens=1&ttft_ms=0"
+            allowed = httpx.get(chat, headers={"Origin": "https://course.example"}, trust_env=False)
+            assert allowed.headers["access-control-allow-origin"] == "https://course.example"
+            local = httpx.get(chat, headers={"Origin": "http://localhost:8888"}, trust_env=False)
+            assert local.headers["access-control-allow-origin"] == "http://localhost:8888"
+            loopback = httpx.get(chat, headers={"Origin": "http://127.0.0.1:8888"}, trust_env=False)
+            assert "access-control-allow-origin" not in loopback.headers
+            assert "text/html" in httpx.get(f"{url.group()}/", trust_env=False).headers["content-type"]
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=10)
+        finally:
+            process.kill()
+    assert process.returncode == 0
+
+
+def test_a_malformed_cors_origin_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--cors-origin", "localhost:8888"])
+    assert exited.value.code == 2
+    assert "a CORS origin is scheme://host" in capsys.readouterr().err

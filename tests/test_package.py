@@ -15,7 +15,7 @@ def test_public_surface_is_exactly_all() -> None:
 
 def test_the_stack_imports_no_experiment_instrument_or_course_module() -> None:
     """Imports run one way: the stack a deployment keeps must load without the lab around it."""
-    stack = ["model", "sse", "server", "background", "client", "metrics", "plots"]
+    stack = ["model", "sse", "server", "web", "background", "client", "metrics", "plots"]
     check = (
         "import sys\n"
         f"for name in {stack!r}: __import__('sse_lab.' + name)\n"

@@ -300,6 +300,7 @@ STREAM_ONLY_BAD_REQUESTS = [
     ({"context_window": "9000"}, "context_window", "to 8192"),
     ({"blocklist": "a,,b"}, "blocklist", "empty"),
     ({"fail_after": "-1"}, "fail_after", "from 0"),
+    ({"drop_after": "0"}, "drop_after", "from 1"),
     ({"prompt": "one two three", "context_window": "3"}, "prompt", "no room"),
 ]
 
@@ -479,3 +480,27 @@ def test_a_model_failing_is_still_logged_for_whoever_listens(
         events(server.url + "/api/chat/stream", **FAST_STREAM, fail_after=2)
         wait_for(lambda: caplog.records, what="the server's warning")
     assert caplog.records[0].getMessage() == "model failed after 2 tokens: InjectedFault('fail_after=2')"
+
+
+# drop_after: the server rehearses a lost connection (the page's "drop the connection" control)
+
+
+def test_drop_after_ends_the_response_after_that_many_tokens_without_done(server: BackgroundServer) -> None:
+    received = events(server.url + "/api/chat/stream", **FAST_STREAM, drop_after=4)
+    assert [(event, id) for event, id, _ in received] == [("token", str(index)) for index in range(4)]
+
+
+def test_drop_after_drops_each_resumed_connection_after_as_many_again(server: BackgroundServer) -> None:
+    url = server.url + "/api/chat/stream"
+    received = events(url, **FAST_STREAM, drop_after=4, last_event_id="3")
+    assert [id for _, id, _ in received] == ["4", "5", "6", "7"]
+    last = events(url, **FAST_STREAM, drop_after=4, last_event_id="27")
+    assert [event for event, _, _ in last] == ["token", "token", "done"]  # the stream ended first: no drop
+
+
+def test_a_client_resumes_a_drop_after_stream_to_exactly_the_uninterrupted_text() -> None:
+    with serve_in_background(create_app(Settings(retry_ms=1))) as running:
+        whole = stream_chat(running.url, "hi", max_tokens=30, ttft_ms=0, token_ms=0)
+        dropped = stream_chat(running.url, "hi", max_tokens=30, ttft_ms=0, token_ms=0, drop_after=7, max_reconnects=1)
+    assert dropped.text == whole.text and dropped.finish_reason == "length"
+    assert [drop.last_event_id for drop in dropped.drops] == ["6", "13", "20", "27"]

@@ -14,16 +14,19 @@ from collections.abc import Callable
 from itertools import product
 from typing import Any
 
+import httpx
 from starlette.types import ASGIApp
 
 from ..background import serve_in_background
 from ..client import Param, fetch_chat, stream_chat
+from ..experiments.browser import connection_limit
 from ..experiments.buffering import WriteBuffer
 from ..instruments.conformance import load_vectors
 from ..instruments.faults import DropConnections, IdleTimeout
 from ..metrics import ChatResult
+from ..parts.chromium import Chromium
 from ..parts.nginx import ProxyConfig, nginx_or_skip, start_nginx
-from ..server import create_app
+from ..server import Settings, create_app
 from ..sse import decode
 
 
@@ -426,3 +429,72 @@ def check_websocket_cancel(chat_and_cancel: Callable[[str, int], list[str]]) -> 
     assert cancelled == 1, "the server did not count a cancelled stream: did you send a message while it streamed?"
     assert generated < 20, f"the model produced {generated} tokens: it was not stopped after the 5th"
     _passed(exercise, f"the model stopped after {generated} tokens; you received {len(tokens)}.")
+
+
+# Notebook 06: in the browser
+
+
+def check_cors_settings(cors_settings: Callable[[], Settings]) -> None:
+    """Exercise 06.1: `cors_settings()` lets the course's JupyterHub and local notebooks read streams, nobody else."""
+    exercise = "Exercise 1 (a CORS allow list)"
+    if not _attempted(exercise, cors_settings):
+        return
+    settings = cors_settings()
+    allowed = ["https://hub.course.example", "http://localhost:8888", "http://localhost:9999"]
+    refused = ["https://evil.example", "http://hub.course.example", "https://hub.course.example.evil.example"]
+    refused += ["http://127.0.0.1:8888"]  # not asked for: the course only uses localhost
+    with serve_in_background(create_app(settings)) as server:
+        url = server.url + "/api/chat/stream?prompt=cors&max_tokens=1&ttft_ms=0"
+        with httpx.Client(trust_env=False) as client:
+            for origin in allowed + refused:
+                granted = client.get(url, headers={"Origin": origin}).headers.get("access-control-allow-origin")
+                if origin in allowed:
+                    assert granted == origin, f"{origin} should be allowed to read the stream; it was not"
+                else:
+                    assert granted is None, f"{origin} should get no CORS headers, but was allowed"
+    _passed(exercise, f"allowed: {', '.join(settings.cors_origins)}; everyone else gets no CORS header.")
+
+
+def check_first_token_at(first_token_at: Callable[[int, int, float], float], chromium: Chromium | None) -> None:
+    """Exercise 06.2: `first_token_at(index, connections, stream_s)`: when EventSource number `index` starts receiving.
+
+    Streams are opened at once, each lasts `stream_s` seconds (its first token comes
+    at once), and the browser keeps at most `connections` per origin. With a browser
+    at hand the checker also measures 8 streams over HTTP/1.1.
+    """
+    exercise = "Exercise 2 (the seventh EventSource)"
+    if not _attempted(exercise, lambda: first_token_at(0, 6, 1.0)):
+        return
+    cases = [
+        (0, 6, 1.0, 0.0),
+        (5, 6, 1.0, 0.0),
+        (6, 6, 1.0, 1.0),
+        (7, 6, 0.5, 0.5),
+        (13, 6, 0.5, 1.0),
+        (3, 1, 2.0, 6.0),
+    ]
+    for index, connections, stream_s, expected in cases:
+        got = first_token_at(index, connections, stream_s)
+        assert abs(got - expected) < 1e-9, (
+            f"stream #{index + 1} of many, {connections} connections, {stream_s} s each: expected {expected} s, "
+            f"got {got}. Which streams get a connection at once, and when is the next one free?"
+        )
+    if chromium is None:
+        _passed(exercise, "(no browser here: checked against the arithmetic only)")
+        return
+    with serve_in_background() as server:
+        timeline = connection_limit(chromium, server.url, streams=8, max_tokens=16, token_ms=40)
+    first_tokens = [stream.first_token_ms / 1000 for stream in timeline.streams if stream.first_token_ms is not None]
+    ends = [stream.end_ms / 1000 for stream in timeline.streams if stream.end_ms is not None]
+    assert len(first_tokens) == len(ends) == len(timeline.streams), "a stream did not receive its whole answer"
+    stream_s = min(ends) - min(first_tokens)  # from the first token to the first connection freed
+    for stream, first_token in zip(timeline.streams, first_tokens, strict=True):
+        predicted, waited = first_token_at(stream.index, 6, stream_s), first_token >= min(ends)
+        measured = first_token - min(first_tokens)
+        # A busy machine spreads the first six over a good part of a stream: what tells them apart is whether
+        # a stream had to wait for the first one to end, and then that it started when it did.
+        on_time = not waited or abs(measured - predicted) < stream_s / 2
+        assert waited == (predicted > 0) and on_time, (
+            f"stream #{stream.index + 1}: predicted {predicted:.2f} s, measured {measured:.2f} s after the first"
+        )
+    _passed(exercise, f"measured in Chromium: streams #7 and #8 waited {stream_s:.2f} s for a free connection.")

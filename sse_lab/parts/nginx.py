@@ -22,6 +22,10 @@ Buffering also holds the response headers until the first body bytes, which the
 server's opening `retry:` line sends at once. nginx's HTTP/1.0 to the upstream
 changes nothing: uvicorn still answers chunked, and nginx decodes it.
 
+`start_nginx(..., tls=True)` serves HTTPS with HTTP/2 instead, on a self-signed
+certificate made for the occasion (`sse_lab.parts.tls`): browsers speak HTTP/2
+only over TLS, and notebook 06 needs it to lift the six-connection limit.
+
 nginx is a system package, not a Python one: `nginx_or_skip()` lets a notebook
 skip these experiments when it is missing, unless `SSE_LAB_REQUIRE_SYSTEM_PARTS=1`
 (set in CI) makes a missing nginx an error.
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
+
+from .tls import CERT_FILE, KEY_FILE, write_self_signed_certificate
 
 REQUIRE_SYSTEM_PARTS_ENV = "SSE_LAB_REQUIRE_SYSTEM_PARTS"
 SYSTEM_BINARY_DIR = "/usr/sbin"  # where Debian and Ubuntu put nginx; often not on a user's PATH
@@ -138,8 +144,11 @@ class ProxyConfig:
 NGINX_DEFAULTS = ProxyConfig()
 
 
-def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bool = False) -> str:
+def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bool = False, tls: bool = False) -> str:
     """The complete nginx.conf that proxies 127.0.0.1:`port` to `upstream_url` with `config`.
+
+    With `tls`, it listens for HTTPS and HTTP/2 with the certificate and key in
+    `cert.pem` and `key.pem` beside the configuration.
 
     Every path in it is relative, so nginx resolves it inside the directory given
     by `nginx -p`: the pid file and the temporary files (whose defaults under
@@ -169,7 +178,8 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
         "    uwsgi_temp_path uwsgi_temp;",
         "    scgi_temp_path scgi_temp;",
         "    server {",
-        f"        listen 127.0.0.1:{port}{' http2' if config.grpc else ''};",
+        f"        listen 127.0.0.1:{port}{' ssl' if tls else ''}{' http2' if tls or config.grpc else ''};",
+        *([f"        ssl_certificate {CERT_FILE};", f"        ssl_certificate_key {KEY_FILE};"] if tls else []),
         "        location / {",
         *(f"            {line}" for line in location),
         "        }",
@@ -224,9 +234,12 @@ class NginxProxy:
     so re-running a notebook cell `proxy = start_nginx(...)` leaves no nginx behind.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], directory: Path, port: int, config: ProxyConfig) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], directory: Path, port: int, config: ProxyConfig, *, tls: bool = False
+    ) -> None:
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls = tls  # HTTPS and HTTP/2, on a self-signed certificate
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
         self.config = config
         self.directory = directory  # nginx's prefix: nginx.conf, error.log, temporary files; stop() deletes it
         self.conf = (directory / _CONF).read_text()
@@ -262,8 +275,11 @@ def start_nginx(
     config: ProxyConfig = NGINX_DEFAULTS,
     *,
     startup_timeout_s: float = 10.0,
+    tls: bool = False,
 ) -> NginxProxy:
     """Run nginx on a free loopback port in front of `upstream_url`; return once it accepts connections.
+
+    `tls`: serve HTTPS and HTTP/2 on a self-signed certificate made in nginx's directory.
 
     Raises NginxNotFoundError without nginx, ValueError for an upstream that is not
     http://host:port, and NginxStartError, quoting nginx's error log, when nginx
@@ -277,16 +293,18 @@ def start_nginx(
     deadline = time.monotonic() + startup_timeout_s
     directory = Path(tempfile.mkdtemp(prefix="sse-lab-nginx-"))
     try:
+        if tls:
+            write_self_signed_certificate(directory)
         # nginx cannot be told to pick a free port: the kit finds one, and tries
         # another when something else takes it before nginx binds it.
         for _ in range(PORT_ATTEMPTS):
             port = _free_port()
-            conf = nginx_conf(config, upstream_url, port, as_root=os.name == "posix" and os.geteuid() == 0)
+            conf = nginx_conf(config, upstream_url, port, as_root=os.name == "posix" and os.geteuid() == 0, tls=tls)
             (directory / _CONF).write_text(conf)
             process = _launch(binary, directory)
             try:
                 if _wait_until_listening(process, directory, port, deadline, startup_timeout_s):
-                    return NginxProxy(process, directory, port, config)
+                    return NginxProxy(process, directory, port, config, tls=tls)
             except BaseException:
                 _stop_process(process)
                 raise

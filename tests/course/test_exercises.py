@@ -7,9 +7,11 @@ from itertools import groupby
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sse_lab import BackgroundServer, stream_chat
+from sse_lab import BackgroundServer, Settings, stream_chat
 from sse_lab.course.exercises import (
     check_buffered_ttft,
+    check_cors_settings,
+    check_first_token_at,
     check_frame,
     check_heartbeat_interval,
     check_line_parser,
@@ -312,3 +314,41 @@ def log_each_message(app: ASGIApp, log: Callable[[int], object]) -> ASGIApp:
 def test_size_logger_checker_reminds_until_attempted(capsys: pytest.CaptureFixture[str]) -> None:
     check_size_logger(not_yet)  # type: ignore[arg-type]
     assert "not attempted yet" in capsys.readouterr().out
+
+
+# Notebook 06: in the browser
+
+
+def test_a_right_cors_allow_list_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_cors_settings(lambda: Settings(cors_origins=("https://hub.course.example", "http://localhost:*")))
+    assert "passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [("https://hub.course.example",), ("https://hub.course.example", "http://localhost:*", "http://127.0.0.1:*")],
+    ids=["no-localhost", "more-than-asked"],
+)
+def test_a_wrong_cors_allow_list_fails(origins: tuple[str, ...]) -> None:
+    with pytest.raises(AssertionError, match="http://"):
+        check_cors_settings(lambda: Settings(cors_origins=origins))
+
+
+def right_first_token_at(index: int, connections: int, stream_s: float) -> float:
+    return (index // connections) * stream_s
+
+
+def test_a_right_first_token_prediction_passes_without_a_browser(capsys: pytest.CaptureFixture[str]) -> None:
+    check_first_token_at(right_first_token_at, None)
+    assert "arithmetic only" in capsys.readouterr().out
+
+
+def test_a_first_token_prediction_without_the_limit_fails() -> None:
+    with pytest.raises(AssertionError, match="stream #7"):
+        check_first_token_at(lambda index, connections, stream_s: 0.0, None)
+
+
+def test_unattempted_browser_exercises_only_remind(capsys: pytest.CaptureFixture[str]) -> None:
+    check_cors_settings(not_yet)  # type: ignore[arg-type]
+    check_first_token_at(not_yet, None)
+    assert capsys.readouterr().out.count("not attempted yet") == 2

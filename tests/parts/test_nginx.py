@@ -277,3 +277,26 @@ def test_the_gzip_option_compresses_the_stream(
         response = httpx.get(proxy.url + "/api/chat/stream", params=params, trust_env=False)
     assert response.headers.get("content-encoding") == encoding
     assert response.text.count("event: token") == 2
+
+
+# HTTPS and HTTP/2 (notebook 06: the six-connection limit lifted)
+
+
+def test_a_tls_config_listens_for_https_and_http2_with_the_certificate_beside_it() -> None:
+    conf = nginx_conf(ProxyConfig(), UPSTREAM, 8443, tls=True)
+    assert "listen 127.0.0.1:8443 ssl http2;" in conf
+    assert "ssl_certificate cert.pem;" in conf and "ssl_certificate_key key.pem;" in conf
+    assert "ssl" not in nginx_conf(ProxyConfig(), UPSTREAM, 8443)
+
+
+def test_nginx_with_tls_proxies_a_stream_over_https_and_removes_its_certificate(
+    nginx_binary: str, server: BackgroundServer
+) -> None:
+    with start_nginx(server.url, tls=True) as proxy:
+        assert proxy.url.startswith("https://127.0.0.1:") and proxy.tls
+        key = proxy.directory / "key.pem"
+        assert key.stat().st_mode & 0o077 == 0  # the private key is the owner's only
+        with httpx.Client(verify=False, trust_env=False) as client:
+            response = client.get(proxy.url + "/api/chat", params={"prompt": "hi", "max_tokens": 3, "ttft_ms": 0})
+        assert response.json()["tokens"] == 3
+    assert not key.exists()
