@@ -24,6 +24,7 @@ traceback per failed `accept()`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import errno
 import functools
@@ -126,6 +127,29 @@ def _raw_json_response(status: int, body: dict[str, str], default_headers: list[
     return b"\r\n".join(lines) + b"\r\n\r\n" + payload
 
 
+def _websocket_handshake_problem(method: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What makes a request with `Upgrade: websocket` no opening handshake (RFC 6455 section 4.2.1), or None."""
+    fields: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        fields.setdefault(name.lower(), []).append(value)
+    if method != "GET":
+        return f"a WebSocket handshake is a GET, not {method}"
+    if b"upgrade" not in {
+        token.strip().lower() for value in fields.get(b"connection", []) for token in value.split(b",")
+    }:
+        return "a WebSocket handshake needs a Connection header with the token Upgrade"
+    if fields.get(b"sec-websocket-version") != [b"13"]:
+        return "a WebSocket handshake needs Sec-WebSocket-Version: 13"
+    keys = fields.get(b"sec-websocket-key", [])
+    try:
+        valid_key = len(keys) == 1 and len(base64.b64decode(keys[0], validate=True)) == 16
+    except ValueError:
+        valid_key = False
+    if not valid_key:
+        return "a WebSocket handshake needs one Sec-WebSocket-Key: 16 bytes, base64-encoded"
+    return None
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a size limit and a time limit on every request head.
 
@@ -138,7 +162,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     - The query string is kept away from `httptools.parse_url`, which refuses URLs longer
       than 65,535 bytes (its offsets are 16-bit): the head limit is the only limit on a
       request line, so the app's own limits (`max_prompt_chars`) are reached first.
-    - Malformed requests get a JSON 400 instead of uvicorn's plain text.
+    - Malformed requests get a JSON 400 instead of uvicorn's plain text, and so do
+      WebSocket upgrades whose handshake the WebSocket library would refuse in text.
     - A connection answered before its request's body has all arrived is closed after the
       answer, so a body trickled forever cannot hold it open.
 
@@ -203,6 +228,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "invalid_http_request", "the request line or headers are not valid HTTP/1.1")
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand a WebSocket handshake over only when it is one: otherwise a JSON 400, not the library's text."""
+        if problem := _websocket_handshake_problem(self.scope["method"], self.scope["headers"]):
+            self._refuse(400, "invalid_websocket_handshake", problem)
+            return
+        super().handle_websocket_upgrade()
 
     def _responding(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete

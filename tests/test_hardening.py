@@ -455,3 +455,23 @@ def test_a_request_body_still_arriving_after_the_answer_does_not_hold_the_connec
                 sock.sendall(b"x")
                 time.sleep(0.1)  # the client's pace, not synchronisation
         assert time.monotonic() - started < 5  # closed after the answer (and 1 s of lingering), not held
+
+
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}, "Sec-WebSocket-Key"),
+        ({"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}, "Version"),
+        (
+            {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "x"},
+            "16 bytes",
+        ),
+    ],
+)
+def test_a_broken_websocket_handshake_gets_a_json_400_not_the_librarys_text(
+    server: BackgroundServer, headers: dict[str, str], named: str
+) -> None:
+    response = exchange(server.url, request_bytes("/ws/chat", headers={"Host": "127.0.0.1", **headers}))
+    assert response.status == 400
+    body = response.json()
+    assert isinstance(body, dict) and body["error"] == "invalid_websocket_handshake" and named in body["reason"]

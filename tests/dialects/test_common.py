@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
+from sse_lab import MODELS, BackgroundServer, Settings, create_app, serve_in_background, stream_chat
 from sse_lab.dialects.common import prompt_of
 from tests.conftest import NASTY_PROMPTS
 
@@ -195,9 +195,9 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(dialect: str) -> Non
 
 def test_the_models_list_is_read_by_both_sdks(server: BackgroundServer) -> None:
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x") as client:
-        assert [model.id for model in client.models.list()] == ["sim", "echo"]
+        assert [model.id for model in client.models.list()] == list(MODELS)
     with anthropic.Anthropic(base_url=server.url, api_key="x") as claude:
-        assert [model.id for model in claude.models.list()] == ["sim", "echo"]
+        assert [model.id for model in claude.models.list()] == list(MODELS)
 
 
 def test_the_knobs_shape_the_stream_as_on_the_kits_endpoint(server: BackgroundServer) -> None:
