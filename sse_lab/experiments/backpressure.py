@@ -38,23 +38,24 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from ..background import serve_in_background
-from ..client import fetch_stats
+from ..client import fetch_stats, stream_chat
 from ..instruments.sockets import UVICORN_VERSION, fix_send_buffer, kernel_buffers, server_side
 from ..instruments.wire import _Dechunker
 from ..model import sim_tokens
 from ..producer import POLICIES
 from ..server import Settings, create_app
 from ..sse import Decoder
-from .memory import MemoryMeasurementUnavailable, server_process
+from .memory import MemoryMeasurementUnavailable, ServerProcess, server_process
 
 PROMPT = "How much can a stalled reader make the server hold?"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "backpressure.json"  # saved by `main`
 READ_SIZE = 65_536
 
 
@@ -333,6 +334,18 @@ class _PacedReader(threading.Thread):
             self._take(data)
 
 
+def _paced_sample(
+    server: ServerProcess, reader: _PacedReader, resting: int, token_ms: float, max_tokens: int
+) -> ServerSample:
+    at = time.perf_counter() - reader.started
+    counters = fetch_stats(server.url)
+    with reader.lock:
+        read = (reader.bytes_read, reader.events, len(reader.tokens))
+    due = _due(at, 0, token_ms, max_tokens)
+    queued = (counters["queued_events"], counters["queued_bytes"])
+    return ServerSample(at, server.resident_bytes() - resting, counters["tokens_generated"], due, *queued, *read)
+
+
 def _due(elapsed_s: float, ttft_ms: float, token_ms: float, max_tokens: int) -> int:
     elapsed_ms = 1000 * elapsed_s - ttft_ms
     if elapsed_ms < 0:
@@ -381,27 +394,16 @@ def paced_reader(
             with _raw_stream(host, port, params, rcvbuf) as sock:
                 _, body = _read_head(sock)
                 reader = _PacedReader(sock, rate_bytes_s, started, body)
+
                 reader.start()
                 try:
-                    while (at := time.perf_counter() - started) < duration_s and reader.is_alive():
-                        counters = fetch_stats(server.url)
-                        with reader.lock:
-                            read = (reader.bytes_read, reader.events, len(reader.tokens))
-                        samples.append(
-                            ServerSample(
-                                at,
-                                server.resident_bytes() - resting,
-                                counters["tokens_generated"],
-                                _due(at, 0, token_ms, max_tokens),
-                                counters["queued_events"],
-                                counters["queued_bytes"],
-                                *read,
-                            )
-                        )
+                    while time.perf_counter() - started < duration_s and reader.is_alive():
+                        samples.append(_paced_sample(server, reader, resting, token_ms, max_tokens))
                         time.sleep(interval_s)
                 finally:
                     reader.stop.set()
                     reader.join(5)
+                samples.append(_paced_sample(server, reader, resting, token_ms, max_tokens))  # after its last read
         received = reader.tokens
         text = [piece for _, piece, _ in received]
         intact = "".join(text) == "".join(expected[: len(received)])
@@ -442,8 +444,9 @@ def many_stalled_readers(
     stall_s: float = 30.0,
     settle_s: float = 0.5,
     queue_max: int = 16,
-    sndbuf: int | None = 16_384,
-    rcvbuf: int | None = 16_384,
+    sndbuf: int | None = 4_096,
+    rcvbuf: int | None = 4_096,
+    write_buffer_high: int | None = 4_096,
     interval_s: float = 0.1,
     progress: bool = True,
 ) -> dict[str, CrowdRun]:
@@ -451,12 +454,14 @@ def many_stalled_readers(
 
     The model runs at full speed (ttft_ms=0, token_ms=0). Once no model has
     produced a token for `settle_s` (each has finished, or stalled), or after
-    `stall_s`, the readers leave.
+    `stall_s`, the readers leave. `sndbuf`, `rcvbuf` and `write_buffer_high` keep
+    the buffers in front of the app's queue small, as in `paced_reader`.
     """
     runs = {}
     params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0, "queue_max": queue_max}
     for policy in tqdm(policies, desc=f"{readers} stalled readers", disable=not progress):
-        with server_process(**_server_limit(max_tokens, readers), sndbuf=sndbuf) as server:
+        limits = _server_limit(max_tokens, readers)
+        with server_process(**limits, sndbuf=sndbuf, write_buffer_high=write_buffer_high) as server:
             host, port = _host_port(server.url)
             resting = server.resident_bytes()
             server.reset_peak()
@@ -484,6 +489,52 @@ def many_stalled_readers(
                 peak = server.peak_resident_bytes() - resting
         runs[policy] = CrowdRun(policy, readers, max_tokens, resting, peak, samples)
     return runs
+
+
+# ── A send timeout ───────────────────────────────────────────────────────────
+
+
+def send_timeout(timeout_s: float = 0.3, *, policy: str = "pull", max_tokens: int = 100_000) -> dict[str, int]:
+    """A reader that takes nothing, against a server with `send_timeout_s=timeout_s` and one stream slot.
+
+    Returns the server's counters once the stalled stream has ended, after a
+    second client has used the slot it freed (`second_client_tokens`).
+    """
+    settings = replace(_stream_settings(max_tokens), max_concurrent_streams=1, send_timeout_s=timeout_s)
+    params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0, "backpressure": policy}
+    with serve_in_background(create_app(settings)) as server:
+        fix_send_buffer(server, 4_096)
+        with _raw_stream(server.host, server.port, params, 4_096) as sock:
+            _read_head(sock)
+            deadline = time.monotonic() + 10 + 10 * timeout_s
+            while fetch_stats(server.url)["streams_active"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the stalled stream was still open after {deadline} s")
+                time.sleep(0.02)
+            second = stream_chat(server.url, "my turn", max_tokens=5, ttft_ms=0, token_ms=0)
+        return {**fetch_stats(server.url), "second_client_tokens": second.tokens}
+
+
+def paused_reader_survives(timeout_s: float, pause_s: float, *, max_tokens: int = 3_000) -> bool:
+    """Whether a reader that takes the headers, looks away for `pause_s`, then reads on gets the whole reply.
+
+    Against a server with `send_timeout_s=timeout_s` and small buffers (they
+    fill at once, so the server's write waits for the whole pause).
+    """
+    settings = replace(_stream_settings(max_tokens), send_timeout_s=timeout_s)
+    params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0}
+    with serve_in_background(create_app(settings)) as server:
+        fix_send_buffer(server, 4_096)
+        with _raw_stream(server.host, server.port, params, 4_096) as sock:
+            _, tail = _read_head(sock)
+            time.sleep(pause_s)  # the reader looks away: the load this measures, not a wait for anything
+            while not tail.endswith(b"\r\n0\r\n\r\n"):  # the end of a chunked body
+                data = sock.recv(READ_SIZE)
+                if not data:
+                    break
+                tail = (tail + data)[-200:]
+        completed = b"event: done" in tail and tail.endswith(b"\r\n0\r\n\r\n")
+        return completed and fetch_stats(server.url)["streams_send_timeout"] == 0
 
 
 # ── Saved results ────────────────────────────────────────────────────────────

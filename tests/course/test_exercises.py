@@ -14,6 +14,8 @@ from sse_lab.course.exercises import (
     check_lumps,
     check_proxy_config,
     check_resume,
+    check_send_timeout,
+    check_tokens_in_flight,
     check_tpot,
 )
 from sse_lab.metrics import ChatResult
@@ -201,3 +203,29 @@ def test_unattempted_buffering_exercises_only_remind(capsys: pytest.CaptureFixtu
     check_lumps(not_yet)
     check_proxy_config(not_yet)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+# Notebook 05 (backpressure)
+
+
+def test_a_right_tokens_in_flight_estimate_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_tokens_in_flight(lambda sndbuf, rcvbuf, high_water, event_bytes: (sndbuf + rcvbuf + high_water) / event_bytes)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_tokens_in_flight_estimate_in_bytes_fails() -> None:
+    with pytest.raises(AssertionError, match="in what unit"):
+        check_tokens_in_flight(lambda sndbuf, rcvbuf, high_water, event_bytes: sndbuf + rcvbuf + high_water)
+
+
+def test_a_send_timeout_shorter_than_the_pause_fails() -> None:
+    with pytest.raises(AssertionError, match="only paused"):
+        check_send_timeout(lambda pause_s: pause_s / 4)
+
+
+def test_a_right_send_timeout_passes_and_unattempted_ones_remind(capsys: pytest.CaptureFixture[str]) -> None:
+    check_send_timeout(lambda pause_s: 3 * pause_s)
+    check_send_timeout(not_yet)
+    check_tokens_in_flight(not_yet)
+    out = capsys.readouterr().out
+    assert "passed" in out and out.count("not attempted yet") == 2
