@@ -115,3 +115,18 @@ def test_coalescing_draws_a_step_line_per_factor() -> None:
     assert list(four.get_ydata()) == list(range(9))
     assert len(set(four.get_xdata())) == 3  # the start, then two bursts of four tokens
     assert [text.get_text() for text in ax.get_legend().get_texts()] == ["1 per event", "4 per event"]
+
+
+# Notebook 05 (backpressure): drawn from the committed benchmark's results, no server needed.
+
+
+def test_the_backpressure_plots_draw_the_saved_benchmark_with_labelled_axes() -> None:
+    from sse_lab.experiments.backpressure import BENCHMARK, load_results
+
+    saved = load_results(BENCHMARK)
+    stalls = plots.stalls(saved["stall"])
+    side_by_side = plots.policies_side_by_side(saved["paced"])
+    crowd = plots.crowd_memory(saved["crowd"])
+    for ax in [*stalls.axes, *side_by_side.axes, crowd]:
+        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+    assert len(crowd.get_lines()) == 4  # one per policy
