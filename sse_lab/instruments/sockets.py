@@ -27,10 +27,8 @@ What is read here, on Linux:
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import socket
 import struct
-import termios
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -38,8 +36,8 @@ import uvicorn
 
 from ..background import BackgroundServer, _by_address
 
-SIOCOUTQ = termios.TIOCOUTQ  # 0x5411 on Linux
-SIOCINQ = termios.FIONREAD  # 0x541B on Linux
+SIOCOUTQ = 0x5411  # Linux's TIOCOUTQ, which sockets answer with their send queue
+SIOCINQ = 0x541B  # Linux's FIONREAD
 UVICORN_VERSION = uvicorn.__version__
 
 
@@ -59,6 +57,8 @@ class KernelBuffers:
 
 
 def _ioctl_int(fd: int, request: int) -> int:
+    import fcntl  # here: the module imports on systems without it; only the measurement needs Linux
+
     queued: int = struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
     return queued
 
