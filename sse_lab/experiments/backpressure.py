@@ -594,6 +594,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     parser.add_argument("--readers", type=int, default=100, help="stalled readers at once (default 100)")
+    parser.add_argument("--max-tokens", type=int, default=2_000, help="each stalled reader asks for this many (2000)")
     parser.add_argument("--stall-s", type=float, default=4.0, help="how long the single reader stalls (default 4)")
     args = parser.parse_args(argv)
     try:
@@ -603,7 +604,7 @@ def main(argv: list[str] | None = None) -> None:
             stall(stall_s=args.stall_s, rcvbuf=4_096, sndbuf=16_384, label="rcvbuf 4096, sndbuf 16384"),
         ]
         paced = paced_reader()
-        crowd = many_stalled_readers(readers=args.readers)
+        crowd = many_stalled_readers(readers=args.readers, max_tokens=args.max_tokens)
     except MemoryMeasurementUnavailable as missing:
         sys.exit(f"cannot measure here: {missing}")
     for run in stalls:
@@ -625,8 +626,18 @@ def main(argv: list[str] | None = None) -> None:
             f"client inq {last.client_inq}, server outq {last.server_outq}, transport {last.transport}, "
             f"app queue {last.app_queue} bytes"
         )
+    for policy, one in paced.items():
+        print(
+            f"a {one.rate_bytes_s:g} B/s reader, {policy}: queue peak {one.peak_queued_bytes} B, producer lag "
+            f"{one.producer_lag} tokens, {one.events_read} events for {one.tokens_read} tokens, "
+            f"last token {one.last_lateness:.2f} s late"
+        )
     for policy, crowded in crowd.items():
-        print(f"{crowded.readers} stalled readers, {policy}: server RSS +{crowded.peak_growth / 2**20:.1f} MiB")
+        queued = max(sample.queued_bytes for sample in crowded.samples)
+        print(
+            f"{crowded.readers} stalled readers, {policy}: server RSS +{crowded.peak_growth / 2**20:.1f} MiB, "
+            f"queues at most {queued / 2**20:.1f} MiB, {crowded.samples[-1].tokens_produced} tokens produced"
+        )
 
 
 if __name__ == "__main__":
