@@ -200,16 +200,19 @@ def buffer_stack(run: StallRun, ax: Axes | None = None) -> Axes:
     ax.set_xlabel("time since the request (s)")
     ax.set_ylabel("bytes (KiB)")
     ax.set_title(f"A stalled reader, {run.label}: {run.last.tokens_produced:,} tokens in flight")
-    ax.legend(fontsize="small", loc="upper left")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the stack, which fills the axes
     return ax
 
 
 def stalls(runs: Sequence[StallRun]) -> Figure:
     """One `buffer_stack` panel per stalled run, side by side, each with its own scale."""
-    figure, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.5), layout="constrained", squeeze=False)
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), layout="constrained", squeeze=False)
     for letter, run, ax in zip("abcdef", runs, axes[0], strict=False):
         buffer_stack(run, ax)
         ax.set_title(f"({letter}) {run.label}\n{run.last.tokens_produced:,} tokens in flight", fontsize="medium")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.get_legend().remove()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")  # one legend for all
     return figure
 
 
@@ -256,10 +259,8 @@ def crowd_memory(runs: Mapping[str, CrowdRun], ax: Axes | None = None) -> Axes:
     ax = _axes(ax)
     for policy, run in runs.items():
         times = [sample.at for sample in run.samples]
-        line = ax.plot(times, [sample.rss_growth / 2**20 for sample in run.samples], marker=".", label=policy)[0]
-        ax.annotate(
-            f" peak {run.peak_growth / 2**20:.1f} MiB", (times[-1], run.peak_growth / 2**20), color=line.get_color()
-        )
+        label = f"{policy} (peak +{run.peak_growth / 2**20:.1f} MiB)"
+        ax.plot(times, [sample.rss_growth / 2**20 for sample in run.samples], marker=".", label=label)
     readers = next(iter(runs.values())).readers
     ax.set_xlabel("time since the readers connected (s)")
     ax.set_ylabel("server RSS growth (MiB)")

@@ -115,6 +115,8 @@ class Channel:
     def __init__(self, policy: str, queue_max: int, gauge: QueueGauge) -> None:
         if policy not in POLICIES[1:]:
             raise ValueError(f"a channel's policy is one of {', '.join(POLICIES[1:])}, got {policy!r}")
+        if queue_max < 1:  # a pausing producer would wait forever
+            raise ValueError(f"queue_max must be 1 or more, got {queue_max}")
         self.policy = policy
         self.queue_max = queue_max
         self.gauge = gauge

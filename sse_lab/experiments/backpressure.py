@@ -337,8 +337,8 @@ class _PacedReader(threading.Thread):
 def _paced_sample(
     server: ServerProcess, reader: _PacedReader, resting: int, token_ms: float, max_tokens: int
 ) -> ServerSample:
-    at = time.perf_counter() - reader.started
     counters = fetch_stats(server.url)
+    at = time.perf_counter() - reader.started  # after the counters came: the schedule is not read early
     with reader.lock:
         read = (reader.bytes_read, reader.events, len(reader.tokens))
     due = _due(at, 0, token_ms, max_tokens)
