@@ -128,5 +128,7 @@ def test_the_backpressure_plots_draw_the_saved_benchmark_with_labelled_axes() ->
     side_by_side = plots.policies_side_by_side(saved["paced"])
     crowd = plots.crowd_memory(saved["crowd"])
     for ax in [*stalls.axes, *side_by_side.axes, crowd]:
-        assert ax.get_xlabel() and ax.get_ylabel() and ax.get_legend() is not None
+        assert ax.get_xlabel() and ax.get_ylabel()
+    assert all(ax.get_legend() is not None for ax in [*side_by_side.axes, crowd])
+    assert len(stalls.legends) == 1  # one legend under the panels, none drawn over a stack
     assert len(crowd.get_lines()) == 4  # one per policy
