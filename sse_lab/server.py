@@ -2,7 +2,7 @@
 
     GET /api/chat/stream?prompt=...   text/event-stream: `token` events, then `done`
     GET /api/chat?prompt=...          application/json, sent once generation ends
-    GET /api/stats                    counters of the streams served so far
+    GET /api/stats                    counters of the streams and answers served so far
 
 Both chat endpoints take the same query parameters (see `PARAMETERS`); the
 stream takes a few more (`STREAM_PARAMETERS`). Anything malformed is refused
@@ -37,8 +37,8 @@ from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Match, Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
@@ -75,6 +75,8 @@ class Settings:
         producer task with a queue: `buffer` (unbounded), `pause` or `coalesce`
         (of `queue_max` events). send_timeout_s: a write stuck that long ends the
         stream and frees its slot (None: writes may wait forever).
+    header_timeout_s: a connection whose request head has not fully arrived this many
+        seconds after it opened is answered 408 and closed (`serve_in_background`).
     """
 
     max_prompt_chars: int = 8_000
@@ -90,6 +92,19 @@ class Settings:
     queue_max: int = 64
     send_timeout_s: float | None = None
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
+    header_timeout_s: float = 5.0
+
+    @property
+    def max_request_head_bytes(self) -> int:
+        """The largest request head (request line and headers) the server reads: the longest valid request fits.
+
+        A character of the prompt or the blocklist takes at most 12 bytes of the request
+        line (4 bytes of UTF-8, each percent-encoded in 3); the path, the other parameters
+        and the method take less than REQUEST_LINE_ROOM_BYTES, and the headers get
+        HEADERS_ROOM_BYTES. So a prompt one character over `max_prompt_chars` still
+        reaches the app and gets its 422, whatever its characters.
+        """
+        return 12 * (self.max_prompt_chars + MAX_BLOCKLIST_CHARS) + REQUEST_LINE_ROOM_BYTES + HEADERS_ROOM_BYTES
 
 
 class InvalidParameter(Exception):
@@ -109,6 +124,22 @@ class InjectedFault(RuntimeError):
     """The failure `fail_after=N` makes a model raise, to rehearse a crash mid-stream."""
 
 
+# Limits on the request that `Settings.max_request_head_bytes` is computed from.
+MAX_BLOCKLIST_CHARS = 1_000
+REQUEST_LINE_ROOM_BYTES = 4_096
+HEADERS_ROOM_BYTES = 32_768  # a browser's headers, cookies of other apps on localhost included
+
+# Number parameters are plain ASCII decimals, like a token id: Python's int() and float()
+# also take other scripts' digits, "1_0", signs, spaces, exponents and leading zeros.
+_ASCII_INTEGER = re.compile(r"0|[1-9][0-9]*")
+_ASCII_DECIMAL = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,20})?")
+_SHOWN_CHARS = 40  # of a refused value, quoted in the reason
+
+
+def _plain(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
 @dataclass(frozen=True)
 class _Number:
     kind: type[int] | type[float]
@@ -116,11 +147,21 @@ class _Number:
     high: float
 
     def parse(self, name: str, raw: str) -> int | float:
-        noun = "an integer" if self.kind is int else "a number"
-        reason = f"must be {noun} from {self.low:g} to {self.high:g}, got {raw!r}"
+        shown = repr(raw if len(raw) <= _SHOWN_CHARS else raw[:_SHOWN_CHARS] + "...")
+        if self.kind is int:
+            form = _ASCII_INTEGER
+            written = "in ASCII digits (no sign, spaces or leading zeros)"
+            noun = "an integer"
+        else:
+            form = _ASCII_DECIMAL
+            written = "in ASCII digits, with an optional fraction like 2.5 (no sign, exponent, spaces or leading zeros)"
+            noun = "a number"
+        reason = f"must be {noun} from {_plain(self.low)} to {_plain(self.high)} {written}, got {shown}"
+        if not form.fullmatch(raw):
+            raise InvalidParameter(name, reason)
         try:
             value = self.kind(raw)
-        except ValueError:
+        except ValueError:  # an integer of more than 4,300 digits
             raise InvalidParameter(name, reason) from None
         if not (math.isfinite(value) and self.low <= value <= self.high):
             raise InvalidParameter(name, reason)
@@ -274,6 +315,8 @@ def parse_stream_options(request: Request, generation: GenerationRequest, settin
         raise InvalidParameter("prompt", reason)
     blocklist = settings.blocklist
     if "blocklist" in query:
+        if len(query["blocklist"]) > MAX_BLOCKLIST_CHARS:
+            raise InvalidParameter("blocklist", f"more than the limit of {MAX_BLOCKLIST_CHARS} characters")
         words = [word.strip() for word in query["blocklist"].split(",")]
         if not all(words):
             raise InvalidParameter("blocklist", "must be comma-separated words, none of them empty")
@@ -574,16 +617,104 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
     )
 
 
+@dataclass
+class ChatStats:
+    """Counters of the buffered endpoint, `GET /api/chat`, reported by `GET /api/stats` next to `StreamStats`.
+
+    chats_active: generating right now. chats_completed: answered 200.
+    chats_failed: answered 502 (the model raised) or 504 (over `max_stream_s`).
+    chats_cancelled: the client left first. chats_rejected: refused with 429,
+    `max_concurrent_streams` answers already being generated.
+    """
+
+    chats_active: int = 0
+    chats_completed: int = 0
+    chats_failed: int = 0
+    chats_cancelled: int = 0
+    chats_rejected: int = 0
+
+
+def _head_response(media_type: str, headers: Mapping[str, str] | None = None) -> Response:
+    """What a GET would start with, without running the model: no slot taken, no body, no length."""
+    response = Response(media_type=media_type, headers=headers)
+    del response.headers["content-length"]
+    return response
+
+
+async def _buffered_answer(
+    receive: Receive, source: TokenSource, generation: GenerationRequest, settings: Settings, stats: ChatStats
+) -> Response:
+    """Generate the whole answer, within `max_stream_s` and while the client stays, and answer in one piece."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.max_stream_s
+    tokens: list[str] = []
+
+    async def complete() -> bool:
+        async def collect() -> None:
+            async for token in source(generation):
+                tokens.append(token)
+
+        try:
+            await asyncio.wait_for(collect(), settings.max_stream_s)
+        except asyncio.TimeoutError:  # the model's own TimeoutError is a model failure
+            if loop.time() < deadline:
+                raise
+            return False
+        return True
+
+    try:
+        finished = await cancel_on_disconnect(receive, complete)
+    except Exception as failure:
+        stats.chats_failed += 1
+        logger.warning("model failed: %r", failure)
+        error = {"error": "model_error", "reason": "the model failed before finishing"}
+        return JSONResponse(error, status_code=502)
+    if finished is None:  # nobody is left to answer
+        stats.chats_cancelled += 1
+        return Response(status_code=499)
+    if not finished:
+        stats.chats_failed += 1
+        reason = (
+            f"the answer took longer than the limit of {settings.max_stream_s:g} s; {len(tokens)} tokens were ready"
+        )
+        return JSONResponse({"error": "timeout", "reason": reason}, status_code=504)
+    stats.chats_completed += 1
+    return JSONResponse(
+        {"text": "".join(tokens), "tokens": len(tokens), "finish_reason": _finish_reason(len(tokens), generation)}
+    )
+
+
+async def _relative_slash_redirect(router: Router, scope: Scope, receive: Receive, send: Send) -> None:
+    """Starlette's redirect to the path with or without its trailing slash, with a relative `Location`.
+
+    Starlette's own builds an absolute URL from the request's Host header, so any
+    client could make the server send a redirect to a host of its choosing.
+    """
+    path = scope["path"]
+    if scope["type"] == "http" and path != "/":
+        other = path.rstrip("/") if path.endswith("/") else path + "/"
+        if not other.startswith("//") and any(
+            route.matches({**scope, "path": other})[0] is not Match.NONE for route in router.routes
+        ):
+            query = scope["query_string"].decode("latin-1")
+            await RedirectResponse(other + "?" + query if query else other)(scope, receive, send)
+            return
+    await router.not_found(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
     """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
     settings = settings or Settings()
     models = dict(MODELS if models is None else models)
     stats = StreamStats()
+    chat_stats = ChatStats()
 
     async def chat_stream(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
         generation = parse_resume(request, generation)
         options = parse_stream_options(request, generation, settings)
+        if request.method == "HEAD":
+            return _head_response(MEDIA_TYPE, STREAM_HEADERS)
         if stats.streams_active >= settings.max_concurrent_streams:
             stats.streams_rejected += 1
             raise TooManyStreams
@@ -594,28 +725,22 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
 
     async def chat(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
-
-        async def complete() -> list[str]:
-            return [token async for token in source(generation)]
-
+        if request.method == "HEAD":
+            return _head_response("application/json")
+        if chat_stats.chats_active >= settings.max_concurrent_streams:
+            chat_stats.chats_rejected += 1
+            reason = f"all {settings.max_concurrent_streams} answer slots are taken; try again shortly"
+            return JSONResponse(
+                {"error": "too_many_chats", "reason": reason}, status_code=429, headers={"Retry-After": "1"}
+            )
+        chat_stats.chats_active += 1  # taken before any await, like a stream slot
         try:
-            tokens = await cancel_on_disconnect(request.receive, complete)
-        except Exception as failure:
-            logger.warning("model failed: %r", failure)
-            error = {"error": "model_error", "reason": "the model failed before finishing"}
-            return JSONResponse(error, status_code=502)
-        if tokens is None:  # nobody is left to answer
-            return Response(status_code=499)
-        return JSONResponse(
-            {
-                "text": "".join(tokens),
-                "tokens": len(tokens),
-                "finish_reason": _finish_reason(len(tokens), generation),
-            }
-        )
+            return await _buffered_answer(request.receive, source, generation, settings, chat_stats)
+        finally:
+            chat_stats.chats_active -= 1
 
     async def stream_stats(request: Request) -> Response:
-        return JSONResponse(asdict(stats))
+        return JSONResponse(asdict(stats) | asdict(chat_stats))
 
     async def invalid_parameter(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidParameter)
@@ -632,7 +757,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
@@ -644,3 +769,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             HTTPException: http_error,
         },
     )
+    app.state.settings = settings  # serve_in_background reads the connection limits here
+    app.router.redirect_slashes = False
+    app.router.default = partial(_relative_slash_redirect, app.router)
+    return app
