@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..background import serve_in_background
 from ..client import fetch_stats, stream_chat
-from ..instruments.sockets import UVICORN_VERSION, fix_send_buffer, kernel_buffers, server_side
+from ..instruments.sockets import UVICORN_VERSION, fix_send_buffer, kernel_buffers, on_server_loop, server_side_now
 from ..instruments.wire import _Dechunker
 from ..model import sim_tokens
 from ..producer import POLICIES
@@ -200,16 +200,18 @@ def stall(
             while (at := time.perf_counter() - started) < stall_s and not _settled(samples, settle_s):
                 time.sleep(interval_s)
                 counters = fetch_stats(server.url)
-                side = server_side(server, client_port)
+                # One instant on the server's loop: what was written, and where it is.
+                side, mine, written = on_server_loop(
+                    server, lambda: (server_side_now(server, client_port), kernel_buffers(sock), counted.written)
+                )
                 if side is None:
                     raise ConnectionError("the server closed the stalled connection")
-                mine = kernel_buffers(sock)
                 limits = (side.low_water, side.high_water)
                 samples.append(
                     BufferSample(
                         at=at,
                         tokens_produced=counters["tokens_generated"],
-                        written=counted.written,
+                        written=written,
                         read=len(body),
                         client_inq=mine.inq,
                         server_outq=side.kernel.outq,

@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import uvicorn
 
@@ -101,29 +102,42 @@ def _connection(server_address: tuple[str, int], client_port: int) -> Any:
     return None
 
 
-def server_side(server: BackgroundServer, client_port: int) -> ServerSide | None:
-    """Sample the server's end of the connection from `client_port`, on the server's own loop; None once it is gone.
+T = TypeVar("T")
 
-    `server` must be one `serve_in_background` started in this process.
+
+def on_server_loop(server: BackgroundServer, sample: Callable[[], T]) -> T:
+    """Call `sample()` on the event loop of `server` (one `serve_in_background` started in this process).
+
+    Nothing is written to a connection while it runs, so what it reads together is one instant's state.
     """
     running = _by_address[(server.host, server.port)]
     assert running.loop is not None
 
-    async def sample() -> ServerSide | None:
-        protocol = _connection((server.host, server.port), client_port)
-        if protocol is None or protocol.transport.is_closing():
-            return None
-        transport = protocol.transport
-        low, high = transport.get_write_buffer_limits()
-        return ServerSide(
-            kernel=kernel_buffers(transport.get_extra_info("socket")),
-            transport_bytes=transport.get_write_buffer_size(),
-            high_water=high,
-            low_water=low,
-            writing_paused=protocol.flow.write_paused,
-        )
+    async def call() -> T:
+        return sample()
 
-    return asyncio.run_coroutine_threadsafe(sample(), running.loop).result(timeout=5)
+    return asyncio.run_coroutine_threadsafe(call(), running.loop).result(timeout=5)
+
+
+def server_side_now(server: BackgroundServer, client_port: int) -> ServerSide | None:
+    """The server's end of the connection from `client_port`; None once it is gone. Call it on the server's loop."""
+    protocol = _connection((server.host, server.port), client_port)
+    if protocol is None or protocol.transport.is_closing():
+        return None
+    transport = protocol.transport
+    low, high = transport.get_write_buffer_limits()
+    return ServerSide(
+        kernel=kernel_buffers(transport.get_extra_info("socket")),
+        transport_bytes=transport.get_write_buffer_size(),
+        high_water=high,
+        low_water=low,
+        writing_paused=protocol.flow.write_paused,
+    )
+
+
+def server_side(server: BackgroundServer, client_port: int) -> ServerSide | None:
+    """Sample the server's end of the connection from `client_port`, on the server's own loop; None once it is gone."""
+    return on_server_loop(server, lambda: server_side_now(server, client_port))
 
 
 def fix_send_buffer(server: BackgroundServer, sndbuf: int) -> None:
