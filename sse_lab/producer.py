@@ -17,7 +17,13 @@ fills is the policy:
               producer never waits, the text stays intact, and the reader
               catches up with fewer, larger events. The queue's length is
               bounded; the text it holds is not (it is the reply, at about one
-              byte per character instead of about a hundred per queued event).
+              byte per character instead of the hundred or so bytes of memory
+              a queued token event takes).
+
+The producer task runs the stream's own events (the model, the filters, the
+token counts), so the queue holds encoded events and `tokens_generated` counts
+what the model produced, sent or not. Coalescing decodes the token events
+waiting in the queue to merge them: work done only once the reader is behind.
 
 A merged token event carries the tokens' text, the index of its first token and
 how many tokens it holds; its `id` is the index of its last token, so a client
