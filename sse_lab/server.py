@@ -240,6 +240,16 @@ class StreamStats:
         else:
             self.streams_cancelled += 1
 
+    def open_stream(self, max_concurrent_streams: int) -> None:
+        """Take a stream slot, or count a rejection and raise TooManyStreams when every slot is taken.
+
+        Call it before any await, so that no two requests get the last slot.
+        """
+        if self.streams_active >= max_concurrent_streams:
+            self.streams_rejected += 1
+            raise TooManyStreams
+        self.streams_active += 1
+
 
 def _check_names(query: QueryParams, allowed: tuple[str, ...]) -> None:
     for name in query:
@@ -255,8 +265,13 @@ def parse_request(
     request: Request, settings: Settings, models: Mapping[str, TokenSource]
 ) -> tuple[TokenSource, GenerationRequest]:
     """Validate the query string into a token source and a generation request."""
-    query = request.query_params
-    stream = request.url.path.endswith("/stream")
+    return parse_query(request.query_params, settings, models, stream=request.url.path.endswith("/stream"))
+
+
+def parse_query(
+    query: QueryParams, settings: Settings, models: Mapping[str, TokenSource], *, stream: bool
+) -> tuple[TokenSource, GenerationRequest]:
+    """`parse_request` for parameters from anywhere (`sse_lab.dialects` reads them from JSON bodies)."""
     _check_names(query, PARAMETERS + STREAM_PARAMETERS + BACKPRESSURE_PARAMETERS if stream else PARAMETERS)
     if "prompt" not in query:
         raise InvalidParameter("prompt", "required")
@@ -302,7 +317,11 @@ def parse_resume(request: Request, generation: GenerationRequest) -> GenerationR
 
 def parse_stream_options(request: Request, generation: GenerationRequest, settings: Settings) -> StreamOptions:
     """Validate the stream-only parameters; a prompt too long for the context window is refused."""
-    query = request.query_params
+    return parse_stream_query(request.query_params, generation, settings)
+
+
+def parse_stream_query(query: QueryParams, generation: GenerationRequest, settings: Settings) -> StreamOptions:
+    """`parse_stream_options` for parameters from anywhere."""
     heartbeat_s = settings.heartbeat_s
     if "heartbeat_s" in query:
         heartbeat_s = _Number(float, 0.01, 3_600).parse("heartbeat_s", query["heartbeat_s"])
@@ -379,7 +398,8 @@ class ChatStream:
     token (id = its index), then `done` or an `error` event. Heartbeats and the
     time limit are the response's business (`EventStreamResponse`). `client_gone`
     is set when the client leaves; tokens the model produces after that count as
-    wasted.
+    wasted. The bytes come from `opening`, `token_event`, `done_event` and
+    `error_event`: `sse_lab.dialects` overrides them to speak other APIs.
     """
 
     def __init__(
@@ -399,10 +419,8 @@ class ChatStream:
         self.outcome = "cancelled"  # until it ends on its own
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        if self.settings.retry_ms is not None:
-            # A field line with no blank line after it: it opens the first event's
-            # block, so no parser can mistake it for an event of its own.
-            yield f"retry: {self.settings.retry_ms}\n".encode()
+        if opening := self.opening():
+            yield opening
         generation, options = self.generation, self.options
         tokens: AsyncIterator[str] = aiter(self.source(generation))
         if options.fail_after is not None:
@@ -415,7 +433,7 @@ class ChatStream:
                     message = (
                         f"{in_prompt} prompt tokens + {index} generated fill the window of {options.context_window}"
                     )
-                    yield self._failed(_error_event("context_length_exceeded", message))
+                    yield self._failed(self.error_event("context_length_exceeded", message))
                     return
                 try:
                     token = await anext(tokens)
@@ -423,26 +441,45 @@ class ChatStream:
                     break
                 except Exception as failure:  # one line in the log, no traceback in a notebook
                     logger.warning("model failed after %d tokens: %r", index, failure)
-                    yield self._failed(_error_event("model_error", f"the model failed after {index} tokens"))
+                    yield self._failed(self.error_event("model_error", f"the model failed after {index} tokens"))
                     return
                 self._count_token()
                 if any(word.casefold() in token.casefold() for word in options.blocklist):
                     yield self._failed(
-                        _error_event("content_filter", f"token {index} was withheld by the content filter")
+                        self.error_event("content_filter", f"token {index} was withheld by the content filter")
                     )
                     return
-                yield encode_event(_json({"token": token, "index": index}), event="token", id=str(index))
+                yield self.token_event(token, index)
                 index += 1
-            done = {"finish_reason": _finish_reason(index, generation), "tokens": index}
             self.outcome = "completed"
-            yield encode_event(_json(done), event="done")
+            yield self.done_event(_finish_reason(index, generation), index)
         finally:
             await _close(tokens)
+
+    def opening(self) -> bytes:
+        """The bytes before the first token: the `retry` line."""
+        if self.settings.retry_ms is None:
+            return b""
+        # A field line with no blank line after it: it opens the first event's
+        # block, so no parser can mistake it for an event of its own.
+        return f"retry: {self.settings.retry_ms}\n".encode()
+
+    def token_event(self, token: str, index: int) -> bytes:
+        """Token number `index`: a `token` event whose id is the index."""
+        return encode_event(_json({"token": token, "index": index}), event="token", id=str(index))
+
+    def done_event(self, finish_reason: str, tokens: int) -> bytes:
+        """The end of a stream that ran its course: `length` (max_tokens reached) or `stop`."""
+        return encode_event(_json({"finish_reason": finish_reason, "tokens": tokens}), event="done")
+
+    def error_event(self, code: str, message: str) -> bytes:
+        """The end of a stream that broke: an `error` event with one of the codes of the module docstring."""
+        return _error_event(code, message)
 
     def timed_out(self) -> bytes:
         """The stream ran over the server's time limit: the error event that ends it."""
         message = f"the stream ran longer than the limit of {self.settings.max_stream_s:g} s"
-        return self._failed(_error_event("timeout", message))
+        return self._failed(self.error_event("timeout", message))
 
     def _failed(self, event: bytes) -> bytes:
         self.outcome = "failed"
@@ -704,6 +741,8 @@ async def _relative_slash_redirect(router: Router, scope: Scope, receive: Receiv
 
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
     """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
+    from . import dialects  # the provider APIs (/v1/...) build on this module
+
     settings = settings or Settings()
     models = dict(MODELS if models is None else models)
     stats = StreamStats()
@@ -715,10 +754,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         options = parse_stream_options(request, generation, settings)
         if request.method == "HEAD":
             return _head_response(MEDIA_TYPE, STREAM_HEADERS)
-        if stats.streams_active >= settings.max_concurrent_streams:
-            stats.streams_rejected += 1
-            raise TooManyStreams
-        stats.streams_active += 1  # taken here, before any await, so no two requests get the last slot
+        stats.open_stream(settings.max_concurrent_streams)
         chat = ChatStream(source, generation, options, settings, stats)
 
         return _stream_response(chat, lambda: stats.stream_ended("cancelled" if chat.client_gone else chat.outcome))
@@ -762,6 +798,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
             Route("/api/stats", stream_stats),
+            *dialects.routes(settings, models, stats),
         ],
         exception_handlers={
             InvalidParameter: invalid_parameter,
