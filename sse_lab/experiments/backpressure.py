@@ -517,7 +517,7 @@ def send_timeout(timeout_s: float = 0.3, *, policy: str = "pull", max_tokens: in
         return {**fetch_stats(server.url), "second_client_tokens": second.tokens}
 
 
-def paused_reader_survives(timeout_s: float, pause_s: float, *, max_tokens: int = 3_000) -> bool:
+def paused_reader_survives(timeout_s: float, pause_s: float, *, max_tokens: int = 2_000) -> bool:
     """Whether a reader that takes the headers, looks away for `pause_s`, then reads on gets the whole reply.
 
     Against a server with `send_timeout_s=timeout_s` and small buffers (they

@@ -335,7 +335,7 @@ def test_a_send_timeout_shorter_than_the_pause_fails() -> None:
 
 
 def test_a_right_send_timeout_passes_and_unattempted_ones_remind(capsys: pytest.CaptureFixture[str]) -> None:
-    check_send_timeout(lambda pause_s: 3 * pause_s)
+    check_send_timeout(lambda pause_s: 3 * pause_s + 1.0)
     check_send_timeout(not_yet)
     check_tokens_in_flight(not_yet)
     out = capsys.readouterr().out
