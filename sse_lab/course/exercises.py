@@ -334,7 +334,7 @@ def check_size_logger(size_logger: Callable[[ASGIApp, Callable[[int], object]], 
 def check_tokens_in_flight(predict: Callable[[int, int, int, float], float]) -> None:
     """Exercise 05.1: `predict(server_sndbuf, client_rcvbuf, high_water, event_bytes)` estimates a stalled pull stream.
 
-    The estimate must be within 35 % of the tokens a real stalled stream made the
+    The estimate must be within 40 % of the tokens a real stalled stream made the
     model produce, for two buffer shapes (sizes as getsockopt reports them).
     """
     from ..experiments.backpressure import stall  # imported here: this section stays self-contained
@@ -346,7 +346,7 @@ def check_tokens_in_flight(predict: Callable[[int, int, int, float], float]) -> 
         run = stall(stall_s=3.0, rcvbuf=rcvbuf, sndbuf=sndbuf, max_tokens=50_000)
         last = run.last
         predicted = predict(last.server_sndbuf, last.client_rcvbuf, run.high_water, run.event_bytes)
-        assert 0.65 * last.tokens_produced <= predicted <= 1.35 * last.tokens_produced, (
+        assert 0.6 * last.tokens_produced <= predicted <= 1.4 * last.tokens_produced, (
             f"SO_SNDBUF {last.server_sndbuf}, SO_RCVBUF {last.client_rcvbuf}, high-water mark {run.high_water}, "
             f"{run.event_bytes:.0f} bytes per event: you predicted {predicted:.0f} tokens, the model made "
             f"{last.tokens_produced}. Which buffers hold bytes the reader has not read, and in what unit?"
