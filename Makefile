@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 JUPYTER_PORT ?= 8888
+# make serve PORT=8000 FLAGS='--max-streams 2 --access-log'
+PORT ?= 8000
+FLAGS ?=
 # Jupyter refuses to run as root (containers, CI) unless told that is intended.
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test lint demo serve notebooks format clean
+.PHONY: lab test lint demo serve handout model notebooks format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,15 +29,24 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers (the machine's cores), each taking whole files: a notebook's cells share one kernel, in order.
+TEST_WORKERS ?= 2
 test: lint
 	$(BIN)/python -m sse_lab.course.authoring --check
-	$(BIN)/pytest --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --nbval-lax --nbval-current-env --nbval-cell-timeout=120
+
+# The real model of notebook 10 (optional): llama-cpp-python builds from source once per environment.
+model: $(VENV)/.installed-model
 
 demo: $(VENV)/.installed-lab
 	$(BIN)/python -m sse_lab demo --output build/why_streaming.png
 
 serve: $(VENV)/.installed-lab
-	$(BIN)/python -m sse_lab serve
+	$(BIN)/python -m sse_lab serve --port $(PORT) $(FLAGS)
+
+# The students' notebooks and the package, without notebooks/solutions: build/handout/ and its zip.
+handout: $(VENV)/.installed-lab
+	$(BIN)/python -m sse_lab.course.handout --output build
 
 notebooks: $(VENV)/.installed-test
 	$(BIN)/ruff format notebooks/solutions

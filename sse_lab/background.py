@@ -309,7 +309,7 @@ class _ServerThread:
         config = uvicorn.Config(
             self.closing_app,
             http=protocol,  # type: ignore[arg-type]  # uvicorn calls it like a protocol class
-            ws="none",  # no WebSocket routes: no upgrade path to guard
+            ws="websockets-sansio",  # /ws/chat (notebook 09); uvicorn's legacy "websockets" one is deprecated
             server_header=False,
             headers=SECURITY_HEADERS,
             log_config=None,  # leave the kernel's logging alone

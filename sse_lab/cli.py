@@ -1,34 +1,190 @@
-"""Command line: `python -m sse_lab serve` and `python -m sse_lab demo`."""
+"""Command line: `python -m sse_lab serve` and `python -m sse_lab demo`.
+
+`serve` is the instructor's server: each limit an edge case needs is a flag
+(`SETTING_FLAGS`), so that it can be shown with curl in front of a class.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
+import logging
+import math
 import signal
 import sys
 import threading
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
+from starlette.types import ASGIApp
+
+from .access_log import AccessLog
 from .background import ServerStartError, serve_in_background
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
 from .server import Settings, create_app
 
 
-def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+def _number(kind: Callable[[str], int | float], low: float, *, above: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite number of `kind` at least `low` (or, with `above`, more than it)."""
+    bound = f"above {low:g}" if above else f"from {low:g} up"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(raw: str) -> int | float:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {raw!r}") from None
+        if not math.isfinite(value) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {raw!r}")
+        return value
+
+    return parse
 
 
-def serve(host: str, port: int, settings: Settings | None = None) -> None:
-    """Serve the chat app in the foreground until Ctrl-C (or SIGTERM)."""
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with serve_in_background(create_app(settings), host=host, port=port) as server:
-        print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
-        print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
+def _words(raw: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated words, none of them empty."""
+    words = tuple(word.strip() for word in raw.split(","))
+    if not all(words):
+        raise argparse.ArgumentTypeError(f"must be comma-separated words, none of them empty, got {raw!r}")
+    return words
+
+
+@dataclass(frozen=True)
+class SettingFlag:
+    """A `serve` flag that sets one field of `Settings`; its default is the field's."""
+
+    flag: str
+    field: str
+    type: Callable[[str], Any]
+    metavar: str
+    help: str
+
+
+# Add a flag here and it is parsed, documented in --help and applied by `settings_from_args`.
+SETTING_FLAGS = (
+    SettingFlag("--max-streams", "max_concurrent_streams", _number(int, 0), "N", "streams open at once; more get 429"),
+    SettingFlag(
+        "--max-tokens", "max_tokens_limit", _number(int, 1), "N", "the largest max_tokens accepted; caps the default"
+    ),
+    SettingFlag(
+        "--context-window", "context_window", _number(int, 1), "N", "tokens the model holds, prompt and reply together"
+    ),
+    SettingFlag("--retry-ms", "retry_ms", _number(int, 0), "MS", "the reconnection delay a stream's retry: line sets"),
+    SettingFlag(
+        "--heartbeat-s", "heartbeat_s", _number(float, 0, above=True), "S", "a comment after S seconds without events"
+    ),
+    SettingFlag(
+        "--max-stream-s", "max_stream_s", _number(float, 0, above=True), "S", "longer streams end with a timeout error"
+    ),
+    SettingFlag(
+        "--blocklist", "blocklist", _words, "WORDS", "comma-separated words the content filter stops a stream on"
+    ),
+    SettingFlag(
+        "--header-timeout-s",
+        "header_timeout_s",
+        _number(float, 0, above=True),
+        "S",
+        "close a connection whose request head has not arrived after S seconds, with 408 if part of it had",
+    ),
+)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """Add every `SETTING_FLAGS` flag to `parser`; unset, each leaves its field at the `Settings` default."""
+    defaults = Settings()
+    for setting in SETTING_FLAGS:
+        default = getattr(defaults, setting.field)
+        shown = (",".join(default) or "none") if isinstance(default, tuple) else f"{default:g}"
+        parser.add_argument(
+            setting.flag,
+            dest=setting.field,
+            type=setting.type,
+            default=None,
+            metavar=setting.metavar,
+            help=f"{setting.help} (default: {shown})",
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The server's `Settings` from the parsed flags: each flag given replaces its field's default.
+
+    A `--max-tokens` below the default reply length also shortens that default, so
+    that no request gets more tokens than the flag allows.
+    """
+    names = {field.name for field in fields(Settings)}
+    given = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    settings = replace(Settings(), **given)
+    if settings.defaults.max_tokens > settings.max_tokens_limit:
+        settings = replace(settings, defaults=replace(settings.defaults, max_tokens=settings.max_tokens_limit))
+    return settings
+
+
+_print_now = partial(print, flush=True)
+
+
+def app_from_args(args: argparse.Namespace, write_log: Callable[[str], object] = _print_now) -> ASGIApp:
+    """The app `serve` runs: `create_app` with the flags' settings, behind an access log if asked."""
+    app = create_app(settings_from_args(args))
+    return AccessLog(app, write_log) if args.access_log else app
+
+
+def network_warning(host: str) -> str | None:
+    """The line `serve` prints when `host` is not a loopback address: other machines can then connect."""
+    if host == "localhost":
+        return None
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    return f"sse-lab: warning: --host {host} is not loopback: the server is reachable from the network"
+
+
+# Ctrl-C and SIGTERM both stop the server, as in uvicorn. SIGINT is set here too: a process
+# started in the background by a shell script inherits SIGINT ignored, and would never stop on it.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stopped(Exception):
+    """A stop signal arrived."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped
+
+
+def _log_to_terminal() -> None:
+    """Show the kit's log lines (a model failing mid-stream, say) on stderr; the package alone stays quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sse-lab: %(message)s"))
+    kit_logger = logging.getLogger("sse_lab")
+    kit_logger.addHandler(handler)
+    kit_logger.setLevel(logging.INFO)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Serve the chat app in the foreground until Ctrl-C or SIGTERM, then say it stopped."""
+    _log_to_terminal()
+    if warning := network_warning(args.host):
+        print(warning, file=sys.stderr, flush=True)
+    with (
+        serve_in_background(app_from_args(args), host=args.host, port=args.port) as server,
+        contextlib.suppress(_Stopped),
+    ):
+        previous: dict[int, Any] = {}
+        try:
+            for signum in STOP_SIGNALS:  # before the banner: a signal sent once it is read must stop the server
+                previous[signum] = signal.signal(signum, _raise_stopped)
+            print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
+            print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
             threading.Event().wait()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     print("sse-lab stopped", flush=True)
 
 
@@ -51,40 +207,26 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
     print(f"figure written to {output}")
 
 
-def _add_connection_limit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--header-timeout-s",
-        type=_positive_seconds,
-        default=Settings.header_timeout_s,
-        help="close a connection whose request head has not arrived after this many seconds, with 408 "
-        "if part of it had (default: %(default)s)",
-    )
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return seconds
-
-
-def _connection_limits(args: argparse.Namespace, settings: Settings) -> Settings:
-    """The flags of `_add_connection_limit_flags`, applied to `settings`."""
-    return replace(settings, header_timeout_s=args.header_timeout_s)
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: `serve` with its flags, and `demo`."""
     parser = argparse.ArgumentParser(prog="python -m sse_lab", description="Stream LLM tokens with SSE, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve_parser = commands.add_parser("serve", help="run the chat server in the foreground")
-    serve_parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve_parser = commands.add_parser(
+        "serve", help="run the chat server in the foreground", description="Run the chat server until Ctrl-C."
+    )
+    serve_parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; anything but loopback is reachable from the network (default: %(default)s)",
+    )
     serve_parser.add_argument("--port", type=int, default=8000, help="port, 0 for a free one (default: %(default)s)")
-
-    _add_connection_limit_flags(serve_parser)
+    add_setting_flags(serve_parser)
+    serve_parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="print one line per request: client, request, status, duration and tokens sent",
+    )
 
     demo_parser = commands.add_parser("demo", help="compare buffered and streamed responses, print and plot")
     demo_parser.add_argument("--runs", type=int, default=5, help="requests of each kind (default: %(default)s)")
@@ -92,11 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--ttft-ms", type=float, default=200, help="model prefill time (default: %(default)s)")
     demo_parser.add_argument("--token-ms", type=float, default=25, help="time per token (default: %(default)s)")
     demo_parser.add_argument("--output", type=Path, default=Path("why_streaming.png"), help="PNG to write")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            serve(args.host, args.port, _connection_limits(args, Settings()))
+            serve(args)
         else:
             demo(args.runs, args.tokens, args.ttft_ms, args.token_ms, args.output)
     except ServerStartError as error:

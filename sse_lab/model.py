@@ -32,8 +32,10 @@ from itertools import islice
 class GenerationRequest:
     """What a client asked for: the prompt, a token budget and a latency profile.
 
-    ttft_ms is the time to the first token (the model's prefill), token_ms the time
-    between tokens after that, jitter_ms the width of a uniform random delay added to
+    ttft_ms is the time to the first token (the model's prefill), plus
+    ttft_per_prompt_token_ms for each token of the prompt (a real prefill grows with
+    the prompt: notebook 10 fits both to a real model), token_ms the time between
+    tokens after that, jitter_ms the width of a uniform random delay added to
     each token's due time (0 turns it off), seed fixes both the text and the jitter.
 
     resume_from is the index of the first token wanted: a client that reconnects
@@ -49,6 +51,7 @@ class GenerationRequest:
     jitter_ms: float = 0.0
     seed: int = 0
     resume_from: int = 0
+    ttft_per_prompt_token_ms: float = 0.0
 
 
 TokenSource = Callable[[GenerationRequest], AsyncIterator[str]]
@@ -89,16 +92,20 @@ def _words(rng: random.Random) -> Iterator[str]:
 def _due_ms(request: GenerationRequest) -> Iterator[float]:
     """Each token's due time in ms after generation starts, without end."""
     jitter = random.Random(f"jitter:{request.seed}")
+    prefill_ms = request.ttft_ms
+    if request.ttft_per_prompt_token_ms:
+        prefill_ms += request.ttft_per_prompt_token_ms * prompt_tokens(request.prompt)
     for index in indices():
-        due = request.ttft_ms + index * request.token_ms
+        due = prefill_ms + index * request.token_ms
         yield due + jitter.uniform(0, request.jitter_ms) if request.jitter_ms else due
 
 
 def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
     """When each of `count` tokens is due, in ms after generation starts.
 
-    Token i is due at ttft_ms + i x token_ms, plus a uniform random delay below
-    jitter_ms drawn from the request's seed.
+    Token i is due at ttft_ms (plus ttft_per_prompt_token_ms per prompt token) +
+    i x token_ms, plus a uniform random delay below jitter_ms drawn from the
+    request's seed.
 
     >>> schedule_ms(GenerationRequest("hi", ttft_ms=100, token_ms=20), 3)
     [100, 120, 140]
@@ -170,4 +177,11 @@ def echo(request: GenerationRequest) -> AsyncIterator[str]:
     return _paced(echo_tokens(request.prompt)[request.resume_from : request.max_tokens], request)
 
 
-MODELS: dict[str, TokenSource] = {"sim": sim, "echo": echo}
+def _installed_real_models() -> dict[str, TokenSource]:
+    """Real models whose optional extra is installed: `smollm2` with the `model` extra (`sse_lab.llama`)."""
+    from . import llama  # here, not at the top: sse_lab.llama builds on this module
+
+    return {llama.SMOLLM2: llama.LlamaModel()} if llama.available() else {}
+
+
+MODELS: dict[str, TokenSource] = {"sim": sim, "echo": echo, **_installed_real_models()}

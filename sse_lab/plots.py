@@ -291,6 +291,64 @@ def coalescing(measured: Sequence[Smoothness], ax: Axes | None = None) -> Axes:
     return ax
 
 
+# Notebook 10: a real model
+
+
+def lateness_by_variant(lateness_ms: Mapping[str, Sequence[float]], ax: Axes | None = None) -> Axes:
+    """Each token's lateness (arrival minus due time, ms) against its index, one line per variant."""
+    ax = _axes(ax)
+    for variant, values in lateness_ms.items():
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=variant)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.set_xlabel("token index of the paced stream")
+    ax.set_ylabel("lateness (ms, log above 10)")
+    ax.set_title("A 20 tokens/s stream served beside a real model")
+    ax.legend()
+    return ax
+
+
+def ttft_by_concurrency(runs_by_concurrency: Mapping[int, Sequence[ChatResult]], ax: Axes | None = None) -> Axes:
+    """TTFT of every client against the number of clients that asked at once, with the median as a line."""
+    ax = _axes(ax)
+    levels = sorted(runs_by_concurrency)
+    for level in levels:
+        values = sorted(1000 * ttft for ttft in ttfts(runs_by_concurrency[level]))
+        offsets = [level + 0.06 * (index - (len(values) - 1) / 2) for index in range(len(values))]  # side by side
+        ax.scatter(offsets, values, alpha=0.7, color="tab:blue", label="a client" if level == levels[0] else None)
+    medians = [Spread.of([1000 * ttft for ttft in ttfts(runs_by_concurrency[level])]).median for level in levels]
+    ax.plot(levels, medians, color="black", label="median")
+    ax.set_xticks(levels)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("clients asking at once")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title("One model serves one generation at a time")
+    ax.legend()
+    return ax
+
+
+def real_vs_sim_ttft(
+    real: Mapping[int, Sequence[ChatResult]], simulated: Mapping[int, ChatResult], ax: Axes | None = None
+) -> Axes:
+    """TTFT against prompt length (words): the real model's runs and the sim with the fitted profile."""
+    ax = _axes(ax)
+    lengths = sorted(real)
+    real_points = [(words, 1000 * ttft) for words in lengths for ttft in ttfts(real[words])]
+    ax.scatter(*zip(*real_points, strict=True), label="real model (each run)", color="tab:blue")
+    ax.plot(
+        lengths,
+        [1000 * (simulated[words].ttft or 0) for words in lengths],
+        "s--",
+        color="tab:orange",
+        label="sim, fitted profile",
+    )
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("prompt length (words)")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title("Prefill grows with the prompt")
+    ax.legend()
+    return ax
+
+
 # ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
 
 
@@ -327,6 +385,32 @@ def cpu_per_token(cpu_s: Mapping[str, Sequence[float]], ax: Axes | None = None) 
 def dialect_costs(costs: Mapping[str, WireCost], cpu_s: Mapping[str, Sequence[float]]) -> Figure:
     """Two panels: (a) bytes on the wire per token, (b) server CPU per token, per dialect."""
     return _two_panels(partial(wire_bytes_per_token, costs), partial(cpu_per_token, cpu_s))
+
+
+# Notebook 09: the transports side by side.
+
+
+def transport_bars(panels: Mapping[str, Mapping[str, float]], units: Mapping[str, str]) -> Figure:
+    """One bar chart per measure (`panels`: title -> value per transport), y axis in `units[title]`.
+
+    Each transport keeps its colour across the panels; the legend is in the first.
+    """
+    transports = list(dict.fromkeys(name for values in panels.values() for name in values))
+    colours = {name: f"C{index}" for index, name in enumerate(transports)}
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items(), strict=True):
+        names = list(values)
+        ax.bar(range(len(names)), list(values.values()), color=[colours[name] for name in names], label=names)
+        ax.set_xticks(range(len(names)), [str(transports.index(name) + 1) for name in names])
+        ax.set_title(title)
+        ax.set_xlabel("transport")
+        ax.set_ylabel(units[title])
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[name]) for name in transports]
+    labels = [f"{index + 1}: {name}" for index, name in enumerate(transports)]
+    rows = -(-len(transports) // 3)
+    figure.legend(handles, labels, loc="lower center", ncols=min(3, len(transports)), frameon=False)
+    figure.tight_layout(rect=(0, 0.07 * rows + 0.02, 1, 1))
+    return figure
 
 
 # ── Backpressure (notebook 05) ───────────────────────────────────────────────

@@ -29,7 +29,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from functools import partial
 from typing import Any, TypeVar
 
@@ -173,6 +173,7 @@ _NUMBERS = {
     "token_ms": _Number(float, 0, 10_000),
     "jitter_ms": _Number(float, 0, 10_000),
     "seed": _Number(int, 0, 2**32 - 1),
+    "ttft_per_prompt_token_ms": _Number(float, 0, 1_000),
 }
 
 PARAMETERS = ("prompt", "model", "max_tokens", *_NUMBERS)
@@ -585,14 +586,25 @@ class EventStreamResponse(StreamingResponse):
                     await write(HEARTBEAT)
 
         beating = None if self.heartbeat_s is None else asyncio.ensure_future(heartbeats(self.heartbeat_s))
+        producing = asyncio.ensure_future(all_events())
         try:
-            await asyncio.wait_for(all_events(), self.max_duration_s)
-        except asyncio.TimeoutError:  # an alias of TimeoutError from Python 3.11 on
-            await write(self.on_timeout())
+            await asyncio.wait((producing,), timeout=self.max_duration_s)
+            last_words = None
+            if not producing.done():
+                # Ask for the last words before cancelling: the events' cleanup then
+                # already sees the stream as failed (by timeout), not as cancelled.
+                last_words = self.on_timeout()
+                producing.cancel()
+                await asyncio.wait((producing,))
+            if not producing.cancelled():
+                producing.result()  # the events' own errors propagate
+            if last_words is not None:
+                await write(last_words)
         finally:
-            if beating is not None:
-                beating.cancel()
-                await asyncio.wait((beating,))
+            for task in (producing, beating):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait((task,))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _cancelled_on_disconnect(self, receive: Receive, send: Send) -> None:
@@ -652,6 +664,13 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
         send_timeout_s=options.send_timeout_s,
         on_send_timeout=on_send_timeout,
     )
+
+
+def _model_stats(models: Mapping[str, TokenSource]) -> dict[str, dict[str, int]]:
+    """The counters of the token sources that keep some (a real model's queue depth, say)."""
+    return {
+        name: asdict(source.stats) for name, source in models.items() if is_dataclass(getattr(source, "stats", None))
+    }
 
 
 @dataclass
@@ -740,11 +759,15 @@ async def _relative_slash_redirect(router: Router, scope: Scope, receive: Receiv
 
 
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
-    """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
+    """Build the chat app: `settings` sets limits and defaults; `models` adds token sources.
+
+    `models` is added to the built-in `MODELS` (`sim`, `echo`), and a name already
+    there is replaced, so plugging in a model changes no endpoint and no default.
+    """
     from . import dialects  # the provider APIs (/v1/...) build on this module
 
     settings = settings or Settings()
-    models = dict(MODELS if models is None else models)
+    models = {**MODELS, **(models or {})}
     stats = StreamStats()
     chat_stats = ChatStats()
 
@@ -776,7 +799,10 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             chat_stats.chats_active -= 1
 
     async def stream_stats(request: Request) -> Response:
-        return JSONResponse(asdict(stats) | asdict(chat_stats))
+        counters: dict[str, Any] = asdict(stats) | asdict(chat_stats)
+        if model_stats := _model_stats(models):
+            counters["models"] = model_stats
+        return JSONResponse(counters)
 
     async def invalid_parameter(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidParameter)
@@ -793,12 +819,15 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    from .transports import transport_routes  # imported here: the transports use this module's parsers
+
     app = Starlette(
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
             Route("/api/stats", stream_stats),
             *dialects.routes(settings, models, stats),
+            *transport_routes(settings, models, stats),  # /ws/chat, /api/chat/poll (notebook 09)
         ],
         exception_handlers={
             InvalidParameter: invalid_parameter,

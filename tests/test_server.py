@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import statistics
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from httpx_sse import connect_sse
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jupyter_client.manager import start_new_kernel
 
 from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
 from tests.conftest import NASTY_PROMPTS, wait_for
@@ -389,3 +391,91 @@ def test_stats_count_streams_and_the_tokens_wasted_on_departed_clients(cancel: b
     else:  # the model ran on to its 40th token for nobody
         assert counters["tokens_generated"] == 5 + 2 + 40
         assert 30 <= counters["tokens_wasted"] <= 40 - 3
+
+
+# Regression tests of issue 8's bugs, each named after the problem it pins down.
+
+
+@pytest.mark.parametrize(
+    "pace", [{"ttft_ms": 0, "token_ms": 50}, {"ttft_ms": 30_000, "token_ms": 0}], ids=["mid-stream", "during-prefill"]
+)
+def test_a_stream_cut_by_max_stream_s_counts_as_failed_not_cancelled(pace: dict) -> None:
+    with serve_in_background(create_app(Settings(max_stream_s=0.2))) as running:
+        received = events(running.url + "/api/chat/stream", prompt="hi", max_tokens=100, **pace)
+        wait_for(lambda: stats(running)["streams_active"] == 0, what="the cut stream to be counted")
+        counters = stats(running)
+    assert received[-1][2]["code"] == "timeout"
+    assert (counters["streams_failed"], counters["streams_cancelled"]) == (1, 0)
+
+
+async def shout(request: GenerationRequest) -> AsyncIterator[str]:
+    for word in request.prompt.upper().split():
+        yield word + " "
+
+
+def test_plugging_in_a_model_keeps_sim_and_echo() -> None:
+    with serve_in_background(create_app(models={"shout": shout})) as running:
+        plain = httpx.get(running.url + "/api/chat", params={"prompt": "hi", "max_tokens": 3}, trust_env=False)
+        echoed = httpx.get(running.url + "/api/chat", params={"prompt": "hi", "model": "echo"}, trust_env=False)
+        shouted = httpx.get(
+            running.url + "/api/chat", params={"prompt": "hello there", "model": "shout"}, trust_env=False
+        )
+    assert (plain.status_code, plain.json()["tokens"]) == (200, 3)
+    assert echoed.json()["text"] == "hi"
+    assert shouted.json()["text"] == "HELLO THERE "
+
+
+def test_a_plugged_in_model_replaces_a_built_in_one_of_the_same_name() -> None:
+    with serve_in_background(create_app(models={"sim": shout})) as running:
+        reply = httpx.get(running.url + "/api/chat", params={"prompt": "hello there"}, trust_env=False)
+    assert reply.json()["text"] == "HELLO THERE "
+
+
+def test_an_empty_prompt_is_a_prompt_of_no_words(server: BackgroundServer) -> None:
+    url = server.url + "/api/chat/stream"
+    written = events(url, prompt="", max_tokens=5, ttft_ms=0, token_ms=0)
+    echoed = events(url, prompt="", model="echo", ttft_ms=0, token_ms=0)
+    missing = httpx.get(url, params={"max_tokens": 5}, trust_env=False)
+    assert written[-1][::2] == ("done", {"finish_reason": "length", "tokens": 5})  # sim writes without a prompt
+    assert echoed == [("done", "", {"finish_reason": "stop", "tokens": 0})]  # echo has nothing to give back
+    assert (missing.status_code, missing.json()["parameter"], missing.json()["reason"]) == (422, "prompt", "required")
+
+
+def test_a_model_failing_on_purpose_writes_nothing_to_a_notebooks_stderr() -> None:
+    """In a real kernel, as notebook 04 does it: its stderr shows as red text, which reads as the notebook failing."""
+    code = (
+        "import httpx\n"
+        "from sse_lab import serve_in_background\n"
+        "with serve_in_background() as server:\n"
+        "    params = {'prompt': 'hi', 'ttft_ms': 0, 'token_ms': 0, 'fail_after': 2}\n"
+        "    body = httpx.get(server.url + '/api/chat/stream', params=params, trust_env=False).text\n"
+        "print(body.rstrip().splitlines()[-1])\n"
+    )
+    manager, client = start_new_kernel(kernel_name="python3")
+    try:
+        streams = {"stdout": "", "stderr": ""}
+        executing = client.execute(code)
+        while True:
+            message = client.get_iopub_msg(timeout=60)
+            if message["parent_header"].get("msg_id") != executing:
+                continue
+            if message["msg_type"] == "stream":
+                streams[message["content"]["name"]] += message["content"]["text"]
+            elif message["msg_type"] == "status" and message["content"]["execution_state"] == "idle":
+                break
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+    assert streams == {
+        "stdout": 'data: {"code":"model_error","message":"the model failed after 2 tokens"}\n',
+        "stderr": "",
+    }
+
+
+def test_a_model_failing_is_still_logged_for_whoever_listens(
+    server: BackgroundServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="sse_lab"):
+        events(server.url + "/api/chat/stream", **FAST_STREAM, fail_after=2)
+        wait_for(lambda: caplog.records, what="the server's warning")
+    assert caplog.records[0].getMessage() == "model failed after 2 tokens: InjectedFault('fail_after=2')"

@@ -9,6 +9,7 @@ notebook runs from top to bottom.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from itertools import product
 from typing import Any
@@ -246,6 +247,51 @@ def check_proxy_config(sse_proxy_config: Callable[[], ProxyConfig]) -> None:
     _passed(exercise, f"{config.label}: tokens arrived one by one, compressed.")
 
 
+# Notebook 10: a real model
+
+_SPLIT_TEXTS = ("🌊🔥", "日本語", "naïve café", "e\u0301", "👩‍💻 ok")
+
+
+def check_detokenize(detokenize: Callable[[list[bytes]], list[str]]) -> None:
+    """Exercise 10.1: pieces that never end inside a character and join to the text, however tokens split it."""
+    exercise = "Exercise 1 (a detokenizer that never breaks a character)"
+    if not _attempted(exercise, lambda: detokenize([b"a"])):
+        return
+    for text in _SPLIT_TEXTS:
+        raw = text.encode()
+        for cut in range(1, len(raw)):
+            tokens = [raw[:cut], raw[cut:]]
+            sent = detokenize(tokens)
+            assert "".join(sent) == text, f"{tokens!r} became {sent!r}: the pieces must join to {text!r}"
+            assert all("\ufffd" not in piece for piece in sent), f"{tokens!r} became {sent!r}: a broken character"
+        each_byte = [raw[index : index + 1] for index in range(len(raw))]
+        assert "".join(detokenize(each_byte)) == text, f"{text!r} fed a byte at a time came out wrong"
+    _passed(exercise, "Every split of emoji, CJK and combining accents arrived whole.")
+
+
+def check_predicted_ttft(predicted_ttft: Callable[[int, float, float], float], base_url: str) -> None:
+    """Exercise 10.2: the TTFT of the k-th of three clients that ask one model at once, within 50 %."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    exercise = "Exercise 2 (predict the wait)"
+    if not _attempted(exercise, lambda: predicted_ttft(0, 0.1, 0.5)):
+        return
+    params: dict[str, Param] = {"model": "smollm2", "max_tokens": 8}
+    alone = [stream_chat(base_url, "Say something short.", **params) for _ in range(3)]
+    alone_ttft = statistics.median(result.ttft or 0.0 for result in alone)
+    alone_e2e = statistics.median(result.e2e or 0.0 for result in alone)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(stream_chat, base_url, "Say something short.", **params) for _ in range(3)]
+        measured = sorted(result.ttft or 0.0 for result in (future.result() for future in futures))
+    for k, ttft in enumerate(measured):
+        guess = predicted_ttft(k, alone_ttft, alone_e2e)
+        assert abs(guess - ttft) <= 0.5 * ttft, (
+            f"client {k}: predicted {guess * 1000:.0f} ms, measured {ttft * 1000:.0f} ms. "
+            "What does client k wait for before its own prefill starts?"
+        )
+    _passed(exercise, f"Measured {', '.join(f'{ttft * 1000:.0f}' for ttft in measured)} ms.")
+
+
 # ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
 
 
@@ -326,6 +372,60 @@ def check_size_logger(size_logger: Callable[[ASGIApp, Callable[[int], object]], 
     received = sum(chunk.size for chunk in result.chunks)
     assert sizes == [received], f"logged {sizes} for one response of {received} body bytes: log once, at the end"
     _passed(exercise, f"logged {received} bytes, and every token went on as it came.")
+
+
+# Notebook 09: SSE vs WebSocket vs gRPC vs long polling.
+
+
+def check_wire_cost(wire_cost: Callable[[int, int, int, int], tuple[float, float]]) -> None:
+    """Exercise 09.1: `wire_cost(n1, bytes1, n2, bytes2)` returns (bytes per token, fixed bytes) of a transport."""
+    from ..experiments.transports import Endpoints, wire_totals
+    from ..transports.grpc_stream import serve_grpc_in_background
+
+    exercise = "Exercise 1 (bytes per token)"
+    if not _attempted(exercise, lambda: wire_cost(1, 100, 2, 150)):
+        return
+    cases = {
+        "50 bytes a token over 400 fixed": ((10, 900, 30, 1900), (50.0, 400.0)),
+        "free tokens": ((1, 7, 5, 7), (0.0, 7.0)),
+    }
+    for name, (arguments, expected) in cases.items():
+        got = wire_cost(*arguments)
+        assert all(abs(value - want) < 1e-9 for value, want in zip(got, expected, strict=True)), (
+            f"{name}: wire_cost{arguments} should be {expected}, got {got}. The difference of the two chats is"
+            " made of tokens only: the fixed part is the same in both."
+        )
+    with serve_grpc_in_background() as grpc_server:
+        endpoints = Endpoints("http://127.0.0.1:1", grpc_server.target)  # only the gRPC server is asked
+        short, long = wire_totals("grpc", endpoints, (5, 25), ttft_ms=0, token_ms=2)
+    per_token, fixed = wire_cost(5, short.total, 25, long.total)
+    assert 5 < per_token < 100 and 200 < fixed < 3000, (
+        f"measured over gRPC: {per_token:.1f} bytes a token and {fixed:.0f} fixed bytes: not HTTP/2 + Protobuf's"
+    )
+    _passed(exercise, f"gRPC, measured just now: {per_token:.1f} bytes a token, {fixed:.0f} bytes of set-up and end.")
+
+
+def check_websocket_cancel(chat_and_cancel: Callable[[str, int], list[str]]) -> None:
+    """Exercise 09.2: `chat_and_cancel(ws_url, after)` receives `after` tokens, stops the model, returns them."""
+    from ..client import fetch_stats, wait_until_idle
+
+    exercise = "Exercise 2 (cancel over the same WebSocket)"
+    with serve_in_background() as server:
+        url = "ws" + server.url.removeprefix("http") + "/ws/chat"
+        if not _attempted(exercise, lambda: chat_and_cancel(url, 3)):
+            return
+        wait_until_idle(server.url)
+        before = fetch_stats(server.url)
+        tokens = chat_and_cancel(url, 5)
+        counters = wait_until_idle(server.url)
+    assert len(tokens) >= 5 and all(isinstance(token, str) for token in tokens), (
+        f"expected the first 5 tokens (and any already on their way), got {tokens!r}"
+    )
+    cancelled = counters["streams_cancelled"] - before["streams_cancelled"]
+    generated = counters["tokens_generated"] - before["tokens_generated"]
+    assert cancelled == 1, "the server did not count a cancelled stream: did you send a message while it streamed?"
+    assert generated < 20, f"the model produced {generated} tokens: it was not stopped after the 5th"
+    _passed(exercise, f"the model stopped after {generated} tokens; you received {len(tokens)}.")
 
 
 # ── Notebook 05 (backpressure) ───────────────────────────────────────────────

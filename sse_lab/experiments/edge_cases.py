@@ -13,11 +13,11 @@ from ..sse import Decoder
 from . import DEFAULT_PROMPT
 
 
-def read_then_leave(base_url: str, prompt: str, tokens: int, **params: Param) -> int:
+def read_then_leave(base_url: str, prompt: str, tokens: int, *, timeout_s: float = 5.0, **params: Param) -> int:
     """Open a stream, read `tokens` token events, then close the connection. Returns the tokens read."""
     decoder, received = Decoder(), 0
     query = {"prompt": prompt, **params}
-    with httpx.stream("GET", base_url + STREAM_PATH, params=query, trust_env=False) as response:
+    with httpx.stream("GET", base_url + STREAM_PATH, params=query, trust_env=False, timeout=timeout_s) as response:
         for chunk in response.iter_bytes():
             received += sum(event.event == "token" for event in decoder.feed(chunk))
             if received >= tokens:

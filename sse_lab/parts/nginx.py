@@ -89,6 +89,11 @@ class ProxyConfig:
     proxy_buffering: bool = True
     gzip: bool = False
     ignore_accel_buffering: bool = False
+    # Notebook 09 (other transports). websocket_upgrade: HTTP/1.1 to the upstream and the
+    # Upgrade/Connection headers passed on, without which nginx cannot proxy a WebSocket.
+    # grpc: listen with HTTP/2 (cleartext, prior knowledge) and `grpc_pass` to a gRPC upstream.
+    websocket_upgrade: bool = False
+    grpc: bool = False
 
     @property
     def label(self) -> str:
@@ -100,6 +105,10 @@ class ProxyConfig:
             parts.append("ignore X-Accel")
         if self.gzip:
             parts.append("gzip")
+        if self.websocket_upgrade:
+            parts.append("WebSocket upgrade")
+        if self.grpc:
+            parts.append("grpc_pass over HTTP/2")
         return " + ".join(parts)
 
     def directives(self) -> list[str]:
@@ -115,6 +124,14 @@ class ProxyConfig:
             # (default off) only applies to requests carrying a Via header, i.e. ones that
             # came through another proxy, which the kit's client does not send.
             lines += ["gzip on;", "gzip_types text/event-stream;"]
+        if self.websocket_upgrade:
+            # Hop-by-hop headers are not forwarded unless set again; HTTP/1.0 (nginx's default
+            # to upstreams) has no Upgrade at all.
+            lines += [
+                "proxy_http_version 1.1;",
+                "proxy_set_header Upgrade $http_upgrade;",
+                'proxy_set_header Connection "upgrade";',
+            ]
         return lines
 
 
@@ -129,7 +146,9 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
     /var/lib/nginx only root may write) stay in the kit's private directory.
     Errors go to stderr, which `start_nginx` sends to a file in that directory.
     """
-    location = [f"proxy_pass {_proxy_pass_target(upstream_url)};", *config.directives()]
+    target = _proxy_pass_target(upstream_url)
+    location = [f"grpc_pass grpc://{target.removeprefix('http://')};" if config.grpc else f"proxy_pass {target};"]
+    location += config.directives()
     lines = [
         # As root, nginx runs its workers as `nobody`, who could not enter the private
         # (0700, root-owned) directory that holds the temporary files. Rather than open
@@ -150,7 +169,7 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
         "    uwsgi_temp_path uwsgi_temp;",
         "    scgi_temp_path scgi_temp;",
         "    server {",
-        f"        listen 127.0.0.1:{port};",
+        f"        listen 127.0.0.1:{port}{' http2' if config.grpc else ''};",
         "        location / {",
         *(f"            {line}" for line in location),
         "        }",
