@@ -154,8 +154,8 @@ class _Stream:
             self._read(self.read_event(event), received.complete_at)
             return
         data: Any = json.loads(event.data) if event.data else None
-        if event.event == "token":
-            self.result.arrivals.append(received.complete_at)
+        if event.event == "token":  # one token, or `count` merged (backpressure=coalesce)
+            self.result.arrivals.extend([received.complete_at] * data.get("count", 1))
             self.result.text += data["token"]
             if self.on_token is not None:
                 self.on_token(data["token"])

@@ -22,6 +22,7 @@ from matplotlib.patches import Patch
 from .metrics import ChatResult, Spread, ttfts
 
 if TYPE_CHECKING:  # the stack imports no experiment at run time
+    from .experiments.backpressure import CrowdRun, PacedRun, StallRun
     from .experiments.browser import ConnectionTimeline, PageRun, Reconnection, TtftPair
     from .experiments.dialects import WireCost
     from .experiments.memory import MemoryPoint
@@ -480,4 +481,97 @@ def connection_timeline(timeline: ConnectionTimeline, ax: Axes | None = None) ->
     ax.set_xlabel("ms since the first EventSource was created")
     ax.set_ylabel("EventSource")
     ax.set_title(f"{len(timeline.streams)} streams from one page over {timeline.protocol}")
+    return ax
+
+
+# ── Backpressure (notebook 05) ───────────────────────────────────────────────
+
+_KIB = 1024
+
+
+def buffer_stack(run: StallRun, ax: Axes | None = None) -> Axes:
+    """Where a stalled stream's bytes are over time, stacked: read, then each buffer; the bytes written on top."""
+    ax = _axes(ax)
+    times = [sample.at for sample in run.samples]
+    layers = {
+        "read by the client": [sample.read for sample in run.samples],
+        "client kernel receive queue (SIOCINQ)": [sample.client_inq for sample in run.samples],
+        "server kernel send queue (SIOCOUTQ)": [sample.server_outq for sample in run.samples],
+        "uvicorn/asyncio transport buffer": [sample.transport for sample in run.samples],
+        "app queue (producer)": [sample.app_queue for sample in run.samples],
+    }
+    ax.stackplot(times, *[[value / _KIB for value in layer] for layer in layers.values()], labels=list(layers))
+    ax.plot(
+        times, [sample.written / _KIB for sample in run.samples], color="black", ls="--", label="written by the app"
+    )
+    ax.set_xlabel("time since the request (s)")
+    ax.set_ylabel("bytes (KiB)")
+    ax.set_title(f"A stalled reader, {run.label}: {run.last.tokens_produced:,} tokens in flight")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the stack, which fills the axes
+    return ax
+
+
+def stalls(runs: Sequence[StallRun]) -> Figure:
+    """One `buffer_stack` panel per stalled run, side by side, each with its own scale."""
+    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), layout="constrained", squeeze=False)
+    for letter, run, ax in zip("abcdef", runs, axes[0], strict=False):
+        buffer_stack(run, ax)
+        ax.set_title(f"({letter}) {run.label}\n{run.last.tokens_produced:,} tokens in flight", fontsize="medium")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.get_legend().remove()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")  # one legend for all
+    return figure
+
+
+def policies_side_by_side(runs: Mapping[str, PacedRun]) -> Figure:
+    """A reader of k bytes/s under each policy: (a) the app's queue, (b) the producer against the model's schedule,
+    (c) each token's lateness at the reader, (d) events and tokens the reader got."""
+    figure, axes = plt.subplots(2, 2, figsize=(13, 8), layout="constrained")
+    (queue_ax, producer_ax), (late_ax, events_ax) = axes
+    for index, (policy, run) in enumerate(runs.items()):
+        color = f"C{index}"
+        times = [sample.at for sample in run.samples]
+        queue_ax.plot(times, [sample.queued_bytes / _KIB for sample in run.samples], color=color, label=policy)
+        producer_ax.plot(times, [sample.tokens_produced for sample in run.samples], color=color, label=policy)
+        late_ax.plot(*zip(*run.lateness, strict=True), color=color, label=policy)
+        events_ax.plot(times, [sample.events_read for sample in run.samples], color=color, label=f"{policy}: events")
+        events_ax.plot(
+            times, [sample.tokens_read for sample in run.samples], color=color, ls=":", label=f"{policy}: tokens"
+        )
+    first = next(iter(runs.values()))
+    times = [sample.at for sample in first.samples]
+    producer_ax.plot(times, [sample.tokens_due for sample in first.samples], color="black", ls="--", label="schedule")
+    rate = f"{first.rate_bytes_s / 1000:g} kB/s"
+    for letter, ax, title, ylabel, xlabel in (
+        ("a", queue_ax, "the app's queue", "queued (KiB)", "time since the request (s)"),
+        (
+            "b",
+            producer_ax,
+            "the producer against the model's schedule",
+            "tokens produced",
+            "time since the request (s)",
+        ),
+        ("c", late_ax, f"lateness at a {rate} reader", "arrival - due (s)", "token index"),
+        ("d", events_ax, "what the reader got", "events (solid), tokens (dotted)", "time since the request (s)"),
+    ):
+        ax.set_title(f"({letter}) {title}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize="small", ncols=2 if ax is events_ax else 1)
+    return figure
+
+
+def crowd_memory(runs: Mapping[str, CrowdRun], ax: Axes | None = None) -> Axes:
+    """Server memory (RSS growth over resting) over time, per policy, with stalled readers."""
+    ax = _axes(ax)
+    for policy, run in runs.items():
+        times = [sample.at for sample in run.samples]
+        label = f"{policy} (peak +{run.peak_growth / 2**20:.1f} MiB)"
+        ax.plot(times, [sample.rss_growth / 2**20 for sample in run.samples], marker=".", label=label)
+    readers = next(iter(runs.values())).readers
+    ax.set_xlabel("time since the readers connected (s)")
+    ax.set_ylabel("server RSS growth (MiB)")
+    ax.set_title(f"{readers} stalled readers: what each policy makes the server hold")
+    ax.set_ylim(bottom=0)
+    ax.legend()
     return ax

@@ -49,6 +49,7 @@ from starlette.routing import Match, Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
+from .producer import POLICIES, QUEUE_MAX_LIMIT, decoupled, watch_sends
 from .sse import MEDIA_TYPE, encode_comment, encode_event
 from .web import LOOPBACK_ORIGINS, CorsMiddleware, check_origin, web_routes
 
@@ -77,6 +78,11 @@ class Settings:
     max_stream_s: a stream still running after this many seconds ends with an error event.
     cancel_on_disconnect: stop the model when the client leaves. False shows the
         waste of a server that does not: the model runs on and its tokens are dropped.
+    backpressure, queue_max: what a stream does when its reader is slower than its
+        model (`sse_lab.producer`): `pull` (the model waits for the socket), or a
+        producer task with a queue: `buffer` (unbounded), `pause` or `coalesce`
+        (of `queue_max` events). send_timeout_s: a write stuck that long ends the
+        stream and frees its slot (None: writes may wait forever).
     header_timeout_s: a connection whose request head has not fully arrived this many
         seconds after it opened is answered 408 and closed (`serve_in_background`).
     cors_origins: browser origins on other sites allowed to read the chat endpoints,
@@ -93,6 +99,10 @@ class Settings:
     max_stream_s: float = 300.0
     cancel_on_disconnect: bool = True
     cors_origins: tuple[str, ...] = LOOPBACK_ORIGINS
+
+    backpressure: str = "pull"
+    queue_max: int = 64
+    send_timeout_s: float | None = None
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
     header_timeout_s: float = 5.0
 
@@ -180,6 +190,7 @@ _NUMBERS = {
 
 PARAMETERS = ("prompt", "model", "max_tokens", *_NUMBERS)
 STREAM_PARAMETERS = ("last_event_id", "heartbeat_s", "context_window", "blocklist", "fail_after", "drop_after")
+BACKPRESSURE_PARAMETERS = ("backpressure", "queue_max", "send_timeout_s")  # see sse_lab.producer
 
 # A token event's id is its index: ASCII digits, no sign, no leading zero.
 _TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}")
@@ -194,6 +205,7 @@ class StreamOptions:
     (None: never). drop_after: the response ends after this many token events
     of its connection, without `done`, unless the stream is over by then (None:
     never); a resumed connection is dropped after as many again.
+    backpressure, queue_max, send_timeout_s: see `Settings`.
     """
 
     heartbeat_s: float
@@ -202,6 +214,10 @@ class StreamOptions:
     blocklist: tuple[str, ...]
     fail_after: int | None = None
     drop_after: int | None = None
+
+    backpressure: str = "pull"
+    queue_max: int = 64
+    send_timeout_s: float | None = None
 
 
 @dataclass
@@ -212,7 +228,10 @@ class StreamStats:
     streams_failed: ended with an `error` event. streams_cancelled: the client
     left before the end. streams_rejected: refused with 429, every slot taken.
     tokens_generated: produced by models for streams. tokens_wasted: of those,
-    produced after the client had gone, for nobody.
+    produced after the client had gone, for nobody. streams_send_timeout: ended
+    because a write waited `send_timeout_s` for a reader that took nothing.
+    queued_events, queued_bytes, queue_peak_events: the producers' queues (see
+    `sse_lab.producer.QueueGauge`).
     """
 
     streams_active: int = 0
@@ -222,14 +241,20 @@ class StreamStats:
     streams_rejected: int = 0
     tokens_generated: int = 0
     tokens_wasted: int = 0
+    streams_send_timeout: int = 0
+    queued_events: int = 0
+    queued_bytes: int = 0
+    queue_peak_events: int = 0
 
     def stream_ended(self, outcome: str) -> None:
-        """Move a stream from active to its outcome: completed, failed or cancelled."""
+        """Move a stream from active to its outcome: completed, failed, send_timeout or cancelled."""
         self.streams_active -= 1
         if outcome == "completed":
             self.streams_completed += 1
         elif outcome == "failed":
             self.streams_failed += 1
+        elif outcome == "send_timeout":
+            self.streams_send_timeout += 1
         else:
             self.streams_cancelled += 1
 
@@ -247,7 +272,7 @@ class StreamStats:
 def _check_names(query: QueryParams, allowed: tuple[str, ...]) -> None:
     for name in query:
         if name not in allowed:
-            if name in STREAM_PARAMETERS:
+            if name in STREAM_PARAMETERS + BACKPRESSURE_PARAMETERS:
                 raise InvalidParameter(name, "only /api/chat/stream takes this parameter")
             raise InvalidParameter(name, f"unknown parameter; expected one of {', '.join(allowed)}")
         if len(query.getlist(name)) > 1:
@@ -265,7 +290,7 @@ def parse_query(
     query: QueryParams, settings: Settings, models: Mapping[str, TokenSource], *, stream: bool
 ) -> tuple[TokenSource, GenerationRequest]:
     """`parse_request` for parameters from anywhere (`sse_lab.dialects` reads them from JSON bodies)."""
-    _check_names(query, PARAMETERS + STREAM_PARAMETERS if stream else PARAMETERS)
+    _check_names(query, PARAMETERS + STREAM_PARAMETERS + BACKPRESSURE_PARAMETERS if stream else PARAMETERS)
     if "prompt" not in query:
         raise InvalidParameter("prompt", "required")
     prompt = query["prompt"]
@@ -339,7 +364,22 @@ def parse_stream_query(query: QueryParams, generation: GenerationRequest, settin
     drop_after = None
     if "drop_after" in query:  # at least 1, or a resumed stream would never get further
         drop_after = int(_Number(int, 1, settings.max_tokens_limit).parse("drop_after", query["drop_after"]))
-    return StreamOptions(heartbeat_s, context_window, in_prompt, blocklist, fail_after, drop_after)
+    return StreamOptions(
+        heartbeat_s, context_window, in_prompt, blocklist, fail_after, drop_after, *_backpressure(query, settings)
+    )
+
+
+def _backpressure(query: QueryParams, settings: Settings) -> tuple[str, int, float | None]:
+    policy = query.get("backpressure", settings.backpressure)
+    if policy not in POLICIES:
+        raise InvalidParameter("backpressure", f"must be one of {', '.join(POLICIES)}, got {policy!r}")
+    queue_max = settings.queue_max
+    if "queue_max" in query:
+        queue_max = int(_Number(int, 1, QUEUE_MAX_LIMIT).parse("queue_max", query["queue_max"]))
+    send_timeout_s = settings.send_timeout_s
+    if "send_timeout_s" in query:
+        send_timeout_s = _Number(float, 0.01, 3_600).parse("send_timeout_s", query["send_timeout_s"])
+    return policy, queue_max, send_timeout_s
 
 
 def _finish_reason(tokens: int, request: GenerationRequest) -> str:
@@ -510,6 +550,8 @@ class EventStreamResponse(StreamingResponse):
       events are cancelled at their next await, so a slow prefill does not keep a
       dead stream's model running; with `cancel=False` they run to their end and
       their bytes are dropped. Either way `on_disconnect()` is called.
+    - `send_timeout_s`: a write that cannot complete for that long ends the
+      stream as a disconnect does, after `on_send_timeout()` (`producer.watch_sends`).
     """
 
     media_type = MEDIA_TYPE
@@ -523,6 +565,8 @@ class EventStreamResponse(StreamingResponse):
         on_timeout: Callable[[], bytes] = lambda: b"",
         cancel: bool = True,
         on_disconnect: Callable[[], object] = lambda: None,
+        send_timeout_s: float | None = None,
+        on_send_timeout: Callable[[], object] = lambda: None,
     ) -> None:
         super().__init__(events, headers=STREAM_HEADERS)
         self.events = events
@@ -531,8 +575,12 @@ class EventStreamResponse(StreamingResponse):
         self.on_timeout = on_timeout
         self.cancel = cancel
         self.on_disconnect = on_disconnect
+        self.send_timeout_s = send_timeout_s
+        self.on_send_timeout = on_send_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.send_timeout_s is not None:
+            receive, send = watch_sends(receive, send, self.send_timeout_s, self.on_send_timeout)
         try:
             if self.cancel:
                 await self._cancelled_on_disconnect(receive, send)
@@ -612,15 +660,23 @@ class EventStreamResponse(StreamingResponse):
 
 
 def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStreamResponse:
+    options = chat.options
+    produced = chat.events()
+    if options.backpressure != "pull":  # a producer task and a queue; pull keeps today's path
+        produced = decoupled(produced, options.backpressure, options.queue_max, chat.stats)
+
     async def events() -> AsyncGenerator[bytes, None]:
         try:
-            async for chunk in chat.events():
+            async for chunk in produced:
                 yield chunk
         finally:
             release()
 
     def on_disconnect() -> None:
         chat.client_gone = True
+
+    def on_send_timeout() -> None:
+        chat.outcome = "send_timeout"
 
     return EventStreamResponse(
         events(),
@@ -629,6 +685,8 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
         on_timeout=chat.timed_out,
         cancel=chat.settings.cancel_on_disconnect,
         on_disconnect=on_disconnect,
+        send_timeout_s=options.send_timeout_s,
+        on_send_timeout=on_send_timeout,
     )
 
 

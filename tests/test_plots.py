@@ -181,3 +181,20 @@ def test_dialect_costs_draws_a_bar_per_dialect_and_a_dot_per_cpu_run() -> None:
         == 4
     )
     assert "(B)" in wire.get_ylabel() and "(µs)" in cpu.get_ylabel()
+
+
+# Notebook 05 (backpressure): drawn from the committed benchmark's results, no server needed.
+
+
+def test_the_backpressure_plots_draw_the_saved_benchmark_with_labelled_axes() -> None:
+    from sse_lab.experiments.backpressure import BENCHMARK, load_results
+
+    saved = load_results(BENCHMARK)
+    stalls = plots.stalls(saved["stall"])
+    side_by_side = plots.policies_side_by_side(saved["paced"])
+    crowd = plots.crowd_memory(saved["crowd"])
+    for ax in [*stalls.axes, *side_by_side.axes, crowd]:
+        assert ax.get_xlabel() and ax.get_ylabel()
+    assert all(ax.get_legend() is not None for ax in [*side_by_side.axes, crowd])
+    assert len(stalls.legends) == 1  # one legend under the panels, none drawn over a stack
+    assert len(crowd.get_lines()) == 4  # one per policy

@@ -498,3 +498,55 @@ def check_first_token_at(first_token_at: Callable[[int, int, float], float], chr
             f"stream #{stream.index + 1}: predicted {predicted:.2f} s, measured {measured:.2f} s after the first"
         )
     _passed(exercise, f"measured in Chromium: streams #7 and #8 waited {stream_s:.2f} s for a free connection.")
+
+
+# ── Notebook 05 (backpressure) ───────────────────────────────────────────────
+
+
+def check_tokens_in_flight(predict: Callable[[int, int, int, float], float]) -> None:
+    """Exercise 05.1: `predict(server_sndbuf, client_rcvbuf, high_water, event_bytes)` estimates a stalled pull stream.
+
+    The estimate must be within 40 % of the tokens a real stalled stream made the
+    model produce, for two buffer shapes (sizes as getsockopt reports them).
+    """
+    from ..experiments.backpressure import stall  # imported here: this section stays self-contained
+
+    exercise = "Exercise 1 (tokens in flight)"
+    if not _attempted(exercise, lambda: predict(32_768, 8_192, 65_536, 66.0)):
+        return
+    for rcvbuf, sndbuf in ((4_096, 16_384), (16_384, 4_096)):
+        run = stall(stall_s=3.0, rcvbuf=rcvbuf, sndbuf=sndbuf, max_tokens=50_000)
+        last = run.last
+        predicted = predict(last.server_sndbuf, last.client_rcvbuf, run.high_water, run.event_bytes)
+        assert 0.6 * last.tokens_produced <= predicted <= 1.4 * last.tokens_produced, (
+            f"SO_SNDBUF {last.server_sndbuf}, SO_RCVBUF {last.client_rcvbuf}, high-water mark {run.high_water}, "
+            f"{run.event_bytes:.0f} bytes per event: you predicted {predicted:.0f} tokens, the model made "
+            f"{last.tokens_produced}. Which buffers hold bytes the reader has not read, and in what unit?"
+        )
+    _passed(exercise, "Under pull, the buffers are the only place tokens can wait: their sizes bound the waste.")
+
+
+def check_send_timeout(send_timeout_for: Callable[[float], float]) -> None:
+    """Exercise 05.2: `send_timeout_for(longest_pause_s)` must spare a reader that pauses that long, and cut a dead one.
+
+    Checked on a real server: a reader that stops reading for 0.4 s then reads
+    on must get the whole reply; one that never reads must lose its slot within
+    ten times the pause.
+    """
+    from ..experiments.backpressure import paused_reader_survives, send_timeout
+
+    exercise = "Exercise 2 (a send timeout)"
+    if not _attempted(exercise, lambda: send_timeout_for(1.0)):
+        return
+    pause_s = 0.4
+    timeout_s = send_timeout_for(pause_s)
+    assert 0.01 <= timeout_s <= 10 * pause_s, (
+        f"{timeout_s} s for a {pause_s} s pause: a dead reader would hold its slot for that long"
+    )
+    assert paused_reader_survives(timeout_s, pause_s), (
+        f"send_timeout_s={timeout_s} cut a reader that only paused for {pause_s} s. "
+        "How long does the server's last write wait when the pause starts just after it?"
+    )
+    counters = send_timeout(timeout_s)
+    assert counters["streams_send_timeout"] == 1 and counters["second_client_tokens"] == 5
+    _passed(exercise, "Pauses survive, dead readers free their slot, and /api/stats says why.")

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..background import serve_in_background
 from ..client import BUFFERED_PATH, STREAM_PATH
+from ..instruments.sockets import WriteBufferLimit, fix_send_buffer
 from ..server import Settings, create_app
 
 MODES = {"buffered": BUFFERED_PATH, "streamed": STREAM_PATH}
@@ -127,8 +128,19 @@ def _read_url(process: subprocess.Popen[bytes], stderr: IO[bytes], timeout_s: fl
 
 
 @contextlib.contextmanager
-def server_process(max_tokens_limit: int, *, startup_timeout_s: float = 30.0) -> Iterator[ServerProcess]:
+def server_process(
+    max_tokens_limit: int,
+    *,
+    max_concurrent_streams: int = 32,
+    sndbuf: int | None = None,
+    write_buffer_high: int | None = None,
+    startup_timeout_s: float = 30.0,
+) -> Iterator[ServerProcess]:
     """Serve the chat app from a child Python process on 127.0.0.1, a free port, for a `with` block.
+
+    `sndbuf`, if given, fixes the SO_SNDBUF of every connection it accepts
+    (`sse_lab.instruments.sockets.fix_send_buffer`); `write_buffer_high` the
+    transport's high-water mark (`sockets.WriteBufferLimit`).
 
     The child prints its URL once it accepts connections and serves until the block
     ends, failed or not: then it gets SIGTERM (SIGKILL if it lingers) and is reaped.
@@ -137,6 +149,11 @@ def server_process(max_tokens_limit: int, *, startup_timeout_s: float = 30.0) ->
     exits: it never outlives its parent.
     """
     command = [sys.executable, "-m", "sse_lab.experiments.memory", "--max-tokens-limit", str(max_tokens_limit)]
+    command += ["--max-concurrent-streams", str(max_concurrent_streams)]
+    if sndbuf is not None:
+        command += ["--sndbuf", str(sndbuf)]
+    if write_buffer_high is not None:
+        command += ["--write-buffer-high", str(write_buffer_high)]
     with (
         tempfile.TemporaryFile() as stderr,
         # Run from the directory holding this package, so the child serves this very code.
@@ -232,10 +249,24 @@ def tank_vs_faucet(
     return [measure_reply(mode, tokens) for mode, tokens in tqdm(runs, desc="tank vs faucet", disable=not progress)]
 
 
-def _serve_until_stdin_closes(max_tokens_limit: int, stdin: IO[bytes]) -> None:
+def _serve_until_stdin_closes(
+    max_tokens_limit: int,
+    stdin: IO[bytes],
+    max_concurrent_streams: int = 32,
+    sndbuf: int | None = None,
+    write_buffer_high: int | None = None,
+) -> None:
     # Room for the prompt and the longest reply, and time for it: else the stream ends early with an error event.
-    settings = Settings(max_tokens_limit=max_tokens_limit, context_window=max_tokens_limit + 1_000, max_stream_s=3_600)
-    with serve_in_background(create_app(settings)) as server:
+    settings = Settings(
+        max_tokens_limit=max_tokens_limit,
+        context_window=max_tokens_limit + 1_000,
+        max_stream_s=3_600,
+        max_concurrent_streams=max_concurrent_streams,
+    )
+    app = create_app(settings)
+    with serve_in_background(app if write_buffer_high is None else WriteBufferLimit(app, write_buffer_high)) as server:
+        if sndbuf is not None:
+            fix_send_buffer(server, sndbuf)
         print(server.url, flush=True)
         stdin.read()  # returns at end of file: the measuring process closed the pipe, or died
 
@@ -245,8 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     description = "Serve the chat app on 127.0.0.1, a free port; print its URL once ready; stop when stdin closes."
     parser = argparse.ArgumentParser(prog="python -m sse_lab.experiments.memory", description=description)
     parser.add_argument("--max-tokens-limit", type=int, required=True, help="the largest max_tokens to allow")
+    parser.add_argument("--max-concurrent-streams", type=int, default=32, help="more streams at once get 429")
+    parser.add_argument("--sndbuf", type=int, help="a fixed SO_SNDBUF for every connection (default: autotuned)")
+    parser.add_argument("--write-buffer-high", type=int, help="the transport's high-water mark (default: 64 KiB)")
     args = parser.parse_args(argv)
-    _serve_until_stdin_closes(args.max_tokens_limit, sys.stdin.buffer)
+    _serve_until_stdin_closes(
+        args.max_tokens_limit, sys.stdin.buffer, args.max_concurrent_streams, args.sndbuf, args.write_buffer_high
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ from sse_lab.course.exercises import (
     check_lumps,
     check_proxy_config,
     check_resume,
+    check_send_timeout,
     check_size_logger,
+    check_tokens_in_flight,
     check_tpot,
 )
 from sse_lab.experiments.middleware import LogWholeBody
@@ -352,3 +354,29 @@ def test_unattempted_browser_exercises_only_remind(capsys: pytest.CaptureFixture
     check_cors_settings(not_yet)  # type: ignore[arg-type]
     check_first_token_at(not_yet, None)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+# Notebook 05 (backpressure)
+
+
+def test_a_right_tokens_in_flight_estimate_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    check_tokens_in_flight(lambda sndbuf, rcvbuf, high_water, event_bytes: (sndbuf + rcvbuf + high_water) / event_bytes)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_tokens_in_flight_estimate_in_bytes_fails() -> None:
+    with pytest.raises(AssertionError, match="in what unit"):
+        check_tokens_in_flight(lambda sndbuf, rcvbuf, high_water, event_bytes: sndbuf + rcvbuf + high_water)
+
+
+def test_a_send_timeout_shorter_than_the_pause_fails() -> None:
+    with pytest.raises(AssertionError, match="only paused"):
+        check_send_timeout(lambda pause_s: pause_s / 4)
+
+
+def test_a_right_send_timeout_passes_and_unattempted_ones_remind(capsys: pytest.CaptureFixture[str]) -> None:
+    check_send_timeout(lambda pause_s: 3 * pause_s + 1.0)
+    check_send_timeout(not_yet)
+    check_tokens_in_flight(not_yet)
+    out = capsys.readouterr().out
+    assert "passed" in out and out.count("not attempted yet") == 2
