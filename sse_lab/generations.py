@@ -213,7 +213,7 @@ class GenerationStore:
         generation_id = request.query_params.get(GENERATION_PARAMETER)
         query = [(name, value) for name, value in request.query_params.multi_items() if name != GENERATION_PARAMETER]
         request = Request({**request.scope, "query_string": urlencode(query).encode()}, request.receive)
-        source, generation = parse_request(request, self.settings, self.models)
+        _, generation = parse_request(request, self.settings, self.models)
         generation = parse_resume(request, generation)
         options = parse_stream_options(request, generation, self.settings)
         if generation_id is None:
@@ -437,4 +437,3 @@ def generation_keys(redis_url: str, generation_id: str) -> dict[str, bool]:
 
     with redis.Redis.from_url(redis_url) as client:
         return {name: bool(client.exists(key)) for name, key in asdict(Keys.of(generation_id)).items()}
-

@@ -38,6 +38,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -130,6 +131,11 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
     Errors go to stderr, which `start_nginx` sends to a file in that directory.
     """
     location = [f"proxy_pass {_proxy_pass_target(upstream_url)};", *config.directives()]
+    return _conf(location, port, as_root=as_root)
+
+
+def _conf(location: list[str], port: int, *, as_root: bool, upstream: list[str] | None = None) -> str:
+    """nginx.conf with one server on 127.0.0.1:`port` whose `location /` holds `location`; see `nginx_conf`."""
     lines = [
         # As root, nginx runs its workers as `nobody`, who could not enter the private
         # (0700, root-owned) directory that holds the temporary files. Rather than open
@@ -149,6 +155,7 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
         "    fastcgi_temp_path fastcgi_temp;",
         "    uwsgi_temp_path uwsgi_temp;",
         "    scgi_temp_path scgi_temp;",
+        *(f"    {line}" for line in upstream or []),
         "    server {",
         f"        listen 127.0.0.1:{port};",
         "        location / {",
@@ -251,10 +258,17 @@ def start_nginx(
     refuses the configuration or does not start in time. Nothing is left behind
     when it fails: no process, no directory.
     """
+    _proxy_pass_target(upstream_url)  # refuse a bad URL before anything is created
+    return _start(
+        lambda port, as_root: nginx_conf(config, upstream_url, port, as_root=as_root), config, startup_timeout_s
+    )
+
+
+def _start(render: Callable[[int, bool], str], config: ProxyConfig, startup_timeout_s: float) -> NginxProxy:
+    """Run nginx on the configuration `render(port, as_root)` gives for a free port; see `start_nginx`."""
     binary = find_nginx()
     if binary is None:
         raise NginxNotFoundError(f"nginx is neither on PATH nor in {SYSTEM_BINARY_DIR} ({INSTALL_HINT})")
-    _proxy_pass_target(upstream_url)  # refuse a bad URL before anything is created
     deadline = time.monotonic() + startup_timeout_s
     directory = Path(tempfile.mkdtemp(prefix="sse-lab-nginx-"))
     try:
@@ -262,7 +276,7 @@ def start_nginx(
         # another when something else takes it before nginx binds it.
         for _ in range(PORT_ATTEMPTS):
             port = _free_port()
-            conf = nginx_conf(config, upstream_url, port, as_root=os.name == "posix" and os.geteuid() == 0)
+            conf = render(port, os.name == "posix" and os.geteuid() == 0)
             (directory / _CONF).write_text(conf)
             process = _launch(binary, directory)
             try:
@@ -351,3 +365,43 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
     _stop_process(process)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# Several upstreams: the cluster (sse_lab.parts.cluster)
+
+CLUSTER_CONFIG = ProxyConfig(proxy_buffering=False)
+CLUSTER_READ_TIMEOUT_S = 30
+
+
+def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False) -> str:
+    """nginx.conf spreading 127.0.0.1:`port` over several upstreams, with the event-stream settings of notebook 03.
+
+    least_conn sends a new stream to the worker with the fewest open ones; a worker
+    that refuses connections (killed) is skipped for 1 s and the request goes to the
+    next (`proxy_next_upstream`, before any byte was sent). Buffering is off, and
+    `proxy_read_timeout` is moderate: a stopped (not dead) worker still accepts TCP,
+    and its streams end after that long without a byte (the server's heartbeats keep
+    live ones open). Request headers, `Last-Event-ID` among them, are forwarded as they are.
+    """
+    if not upstream_urls:
+        raise ValueError("the cluster needs at least one upstream")
+    servers = [
+        f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=1 fail_timeout=1s;"
+        for url in upstream_urls
+    ]
+    location = [
+        "proxy_pass http://workers;",
+        "proxy_buffering off;",
+        f"proxy_read_timeout {CLUSTER_READ_TIMEOUT_S}s;",
+        "proxy_connect_timeout 1s;",
+        "proxy_next_upstream error timeout http_502 http_503;",
+    ]
+    return _conf(location, port, as_root=as_root, upstream=["upstream workers {", "    least_conn;", *servers, "}"])
+
+
+def start_nginx_upstream(upstream_urls: list[str], *, startup_timeout_s: float = 10.0) -> NginxProxy:
+    """Run nginx on a free loopback port in front of several upstreams (`upstream_conf`); see `start_nginx`."""
+    upstream_conf(upstream_urls, 1)  # refuse bad URLs before anything is created
+    return _start(
+        lambda port, as_root: upstream_conf(upstream_urls, port, as_root=as_root), CLUSTER_CONFIG, startup_timeout_s
+    )
