@@ -309,12 +309,19 @@ class GenerationStore:
                     continue
                 generation_id = name.split(":")[1]
                 for reader in self.readers.get(generation_id, []):
-                    self._deliver(reader, entries)
+                    self._deliver(reader, streams[name], entries)
 
     @staticmethod
-    def _deliver(reader: _Reader, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
-        """Queue the entries after the reader's position, and move it on: never one twice, never one skipped."""
+    def _deliver(reader: _Reader, read_from: str, entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
+        """Queue the entries after the reader's position, and move it on: never one twice, never one skipped.
+
+        `entries` are all those after `read_from`. A reader that joined while that read
+        was under way may be behind it: it gets nothing now, and the next read starts
+        from its position.
+        """
         position = _id_key(reader.position)
+        if position < _id_key(read_from):
+            return
         for raw_id, fields in entries:
             if _id_key(raw_id) > position:
                 reader.queue.put_nowait((fields[b"kind"], fields[b"event"]))

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -159,8 +160,22 @@ def start_cluster(
     return cluster
 
 
-def _start_worker(redis_url: str, options: WorkerOptions, directory: Path, port: int, timeout_s: float) -> Worker:
+def _start_worker(
+    redis_url: str | None, options: WorkerOptions, directory: Path, port: int, timeout_s: float
+) -> Worker:
     return _await_ready(*_launch_worker(redis_url, options, directory, port), timeout_s)
+
+
+@contextlib.contextmanager
+def start_worker(
+    redis_url: str | None, options: WorkerOptions, directory: Path, *, startup_timeout_s: float = 20.0
+) -> Iterator[Worker]:
+    """One worker process alone (no nginx), its log in `directory`; without `redis_url`, the single-process app."""
+    worker = _start_worker(redis_url, options, directory, 0, startup_timeout_s)
+    try:
+        yield worker
+    finally:
+        _stop_process(worker.process)
 
 
 def _launch_worker(
