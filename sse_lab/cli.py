@@ -76,6 +76,24 @@ def _connection_limits(args: argparse.Namespace, settings: Settings) -> Settings
     return replace(settings, header_timeout_s=args.header_timeout_s)
 
 
+def cluster(workers: int, port: int) -> None:
+    """Redis, `workers` worker processes and nginx on `port` in the foreground, until Ctrl-C (or SIGTERM)."""
+    from .parts.cluster import run_cluster
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        run_cluster(workers, port)
+    except (RuntimeError, ValueError) as error:  # a part missing or failing to start: one line, no traceback
+        print(f"sse-lab: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("cluster", help="Redis, N worker processes and nginx in front, in the foreground")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="nginx's port, 0 for a free one (default: %(default)s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sse_lab", description="Stream LLM tokens with SSE, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,9 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--token-ms", type=float, default=25, help="time per token (default: %(default)s)")
     demo_parser.add_argument("--output", type=Path, default=Path("why_streaming.png"), help="PNG to write")
 
+    _add_cluster_command(commands)
+
     args = parser.parse_args(argv)
     try:
-        if args.command == "serve":
+        if args.command == "cluster":
+            cluster(args.workers, args.port)
+        elif args.command == "serve":
             serve(args.host, args.port, _connection_limits(args, Settings()))
         else:
             demo(args.runs, args.tokens, args.ttft_ms, args.token_ms, args.output)

@@ -133,9 +133,9 @@ class Cluster:
 
 
 def start_cluster(
-    workers: int = 2, options: WorkerOptions | None = None, *, startup_timeout_s: float = 20.0
+    workers: int = 2, options: WorkerOptions | None = None, *, port: int = 0, startup_timeout_s: float = 20.0
 ) -> Cluster:
-    """Start Redis, `workers` worker processes (each waited for) and nginx in front; return the handle.
+    """Start Redis, `workers` worker processes (each waited for) and nginx in front on `port` (0: a free one).
 
     Raises RedisNotFoundError or NginxNotFoundError when a part is missing, and
     WorkerStartError when a worker does not start; nothing is left running then.
@@ -151,7 +151,7 @@ def start_cluster(
         launched += [_launch_worker(redis.url, options, directory, 0) for _ in range(workers)]  # start in parallel
         for process, log in launched:
             cluster.workers.append(_await_ready(process, log, startup_timeout_s))
-        cluster._proxies.append(start_nginx_upstream([worker.url for worker in cluster.workers]))
+        cluster._proxies.append(start_nginx_upstream([worker.url for worker in cluster.workers], port=port))
     except BaseException:
         for process, _ in launched:
             _stop_process(process)
@@ -236,6 +236,18 @@ def _stop_all(proxies: list[NginxProxy], workers: list[Worker], redis: RedisServ
         _stop_process(worker.process)
     redis.stop()
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_cluster(workers: int, port: int) -> None:
+    """`python -m sse_lab cluster`: start a cluster, print who is where, run until Ctrl-C (or SIGTERM)."""
+    with start_cluster(workers, port=port) as cluster:
+        print(f"sse-lab cluster on {cluster.url} (Ctrl-C to stop); redis on port {cluster.redis.port}", flush=True)
+        for worker in cluster.workers:
+            print(f"  worker pid {worker.pid} on port {worker.port}", flush=True)
+        print(f"  try: curl -N -i '{cluster.url}/api/chat/stream?prompt=hi&token_ms=200&generation=mine'", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    print("sse-lab cluster stopped", flush=True)
 
 
 # The worker process

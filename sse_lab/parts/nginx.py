@@ -264,8 +264,11 @@ def start_nginx(
     )
 
 
-def _start(render: Callable[[int, bool], str], config: ProxyConfig, startup_timeout_s: float) -> NginxProxy:
-    """Run nginx on the configuration `render(port, as_root)` gives for a free port; see `start_nginx`."""
+def _start(
+    render: Callable[[int, bool], str], config: ProxyConfig, startup_timeout_s: float, *, port: int = 0
+) -> NginxProxy:
+    """Run nginx on the configuration `render(port, as_root)` gives for `port` (0: a free one); see `start_nginx`."""
+    fixed_port = port
     binary = find_nginx()
     if binary is None:
         raise NginxNotFoundError(f"nginx is neither on PATH nor in {SYSTEM_BINARY_DIR} ({INSTALL_HINT})")
@@ -274,8 +277,8 @@ def _start(render: Callable[[int, bool], str], config: ProxyConfig, startup_time
     try:
         # nginx cannot be told to pick a free port: the kit finds one, and tries
         # another when something else takes it before nginx binds it.
-        for _ in range(PORT_ATTEMPTS):
-            port = _free_port()
+        for _ in range(1 if fixed_port else PORT_ATTEMPTS):
+            port = fixed_port or _free_port()
             conf = render(port, os.name == "posix" and os.geteuid() == 0)
             (directory / _CONF).write_text(conf)
             process = _launch(binary, directory)
@@ -286,6 +289,8 @@ def _start(render: Callable[[int, bool], str], config: ProxyConfig, startup_time
                 _stop_process(process)
                 raise
             _stop_process(process)  # the port was taken: try another
+        if fixed_port:
+            raise NginxStartError(f"port {fixed_port} is taken")
         raise NginxStartError(f"{PORT_ATTEMPTS} free ports in a row were taken before nginx could bind them")
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -399,9 +404,12 @@ def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False)
     return _conf(location, port, as_root=as_root, upstream=["upstream workers {", "    least_conn;", *servers, "}"])
 
 
-def start_nginx_upstream(upstream_urls: list[str], *, startup_timeout_s: float = 10.0) -> NginxProxy:
-    """Run nginx on a free loopback port in front of several upstreams (`upstream_conf`); see `start_nginx`."""
+def start_nginx_upstream(upstream_urls: list[str], *, port: int = 0, startup_timeout_s: float = 10.0) -> NginxProxy:
+    """Run nginx on loopback `port` (0: a free one) in front of several upstreams; see `start_nginx`."""
     upstream_conf(upstream_urls, 1)  # refuse bad URLs before anything is created
     return _start(
-        lambda port, as_root: upstream_conf(upstream_urls, port, as_root=as_root), CLUSTER_CONFIG, startup_timeout_s
+        lambda port, as_root: upstream_conf(upstream_urls, port, as_root=as_root),
+        CLUSTER_CONFIG,
+        startup_timeout_s,
+        port=port,
     )
