@@ -104,7 +104,7 @@ class Cluster:
         """SIGKILL: the worker dies at once, its streams cut and its leases left to run out."""
         with contextlib.suppress(ProcessLookupError):
             worker.process.send_signal(signal.SIGKILL)
-        worker.process.wait()
+        _stop_process(worker.process)  # reaps it and closes its pipe
 
     def restart(self, worker: Worker, *, startup_timeout_s: float = 10.0) -> Worker:
         """Start a new worker process on the port of `worker` (killed or stopped first); return it."""
@@ -241,12 +241,16 @@ def _stop_all(proxies: list[NginxProxy], workers: list[Worker], redis: RedisServ
 def run_cluster(workers: int, port: int) -> None:
     """`python -m sse_lab cluster`: start a cluster, print who is where, run until Ctrl-C (or SIGTERM)."""
     with start_cluster(workers, port=port) as cluster:
-        print(f"sse-lab cluster on {cluster.url} (Ctrl-C to stop); redis on port {cluster.redis.port}", flush=True)
-        for worker in cluster.workers:
-            print(f"  worker pid {worker.pid} on port {worker.port}", flush=True)
-        print(f"  try: curl -N -i '{cluster.url}/api/chat/stream?prompt=hi&token_ms=200&generation=mine'", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
+        with contextlib.suppress(KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (the CLI raises SystemExit)
+            print(f"sse-lab cluster on {cluster.url} (Ctrl-C to stop); redis on port {cluster.redis.port}", flush=True)
+            for worker in cluster.workers:
+                print(f"  worker pid {worker.pid} on port {worker.port}", flush=True)
+            print(
+                f"  try: curl -N -i '{cluster.url}/api/chat/stream?prompt=hi&token_ms=200&generation=mine'", flush=True
+            )
             threading.Event().wait()
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):  # a second one must not cut the cleanup short
+            signal.signal(stop_signal, signal.SIG_IGN)
     print("sse-lab cluster stopped", flush=True)
 
 
