@@ -597,3 +597,60 @@ def _temporary_directory() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="sse-lab-cluster-") as directory:
         yield directory
+
+
+# Plots of the runs above (here rather than in sse_lab.plots: they read this module's types)
+
+
+def worker_timeline(scenario: Scenario, ax: Any = None, *, title: str = "") -> Any:
+    """Token index against arrival time (ms after the request), one colour per serving worker, the fault marked."""
+    import matplotlib.pyplot as plt
+
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
+    streams = [("", scenario.stream)] + ([("watcher, ", scenario.watcher)] if scenario.watcher else [])
+    markers = iter("os")
+    start = scenario.stream.started_at
+    for prefix, stream in streams:
+        marker = next(markers)
+        for worker in dict.fromkeys(arrival.worker for arrival in stream.arrivals):
+            mine = [arrival for arrival in stream.arrivals if arrival.worker == worker]
+            ax.scatter(
+                [1000 * (arrival.at - start) for arrival in mine],
+                [arrival.index for arrival in mine],
+                s=14,
+                marker=marker,
+                label=f"{prefix}served by worker {worker}",
+            )
+    label = f"SIGKILL worker {scenario.killed}" if scenario.killed else "connection cut"
+    ax.axvline(1000 * (scenario.fault_at - start), color="red", ls="--", lw=1, label=label)
+    ax.set_xlabel("arrival (ms after the request)")
+    ax.set_ylabel("token index")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="upper left")
+    return ax
+
+
+def time_lost_histogram(run: FaultRun, ax: Any = None) -> Any:
+    """How long each break lasted (fault to next token, ms), kills and cuts apart, on a log scale."""
+    import matplotlib.pyplot as plt
+
+    ax = ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
+    for kind in ("cut", "kill"):
+        lost = [1000 * seconds for seconds in run.time_lost(kind)]
+        if lost:
+            ax.hist(
+                lost,
+                bins=_log_bins(lost),
+                alpha=0.6,
+                label=f"{kind} (n={len(lost)}, median {statistics.median(lost):.0f} ms)",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("time lost: fault to the next token (ms)")
+    ax.set_ylabel("broken streams")
+    ax.legend()
+    return ax
+
+
+def _log_bins(values: list[float], count: int = 20) -> list[float]:
+    low, high = max(min(values), 0.1), max(values) * 1.01
+    return [low * (high / low) ** (step / count) for step in range(count + 1)]
