@@ -235,9 +235,8 @@ class GenerationStore:
                 "generation": asdict(generation),
                 "options": asdict(options),
             }
-            await self.redis.set(Keys.of(generation_id).request, json.dumps(record), nx=True, px=self.expire_ms)
             reader = _Reader(generation_id, f"{generation.resume_from}-0")
-            await self._join(reader)
+            await self._join(reader, json.dumps(record))
         except BaseException:
             self.stats.stream_ended("failed")
             raise
@@ -269,13 +268,25 @@ class GenerationStore:
         message = f"the stream ran longer than the limit of {self.settings.max_stream_s:g} s"
         return encode_event(json.dumps({"code": "timeout", "message": message}), event="error")
 
-    async def _join(self, reader: _Reader) -> None:
-        first = reader.generation_id not in self.readers
-        self.readers.setdefault(reader.generation_id, []).append(reader)
-        if first:
-            await self._keep_readers_key(reader.generation_id)
-            await self._try_to_produce(reader.generation_id)
-        await self.redis.xadd(self.wake_key, {"join": reader.generation_id}, maxlen=16, approximate=True)
+    async def _join(self, reader: _Reader, record: str) -> None:
+        """Register the reader, and in one round trip: store the request (if new), keep the readers key,
+        bid for the lease when no producer runs here, and wake this worker's reader task."""
+        generation_id, keys = reader.generation_id, Keys.of(reader.generation_id)
+        self.readers.setdefault(generation_id, []).append(reader)
+        bid = generation_id not in self.producers
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(keys.request, record, nx=True, px=self.expire_ms)
+                pipe.set(keys.readers, self.owner, px=self.grace_ms)
+                if bid:  # the lease first, then (in the producer) the last entry, never the other way round
+                    pipe.set(keys.lease, self.owner, nx=True, px=self.lease_ms)
+                pipe.xadd(self.wake_key, {"join": generation_id}, maxlen=16, approximate=True)
+                replies = await pipe.execute()
+        except BaseException:
+            self._leave(reader)
+            raise
+        if bid and replies[2]:
+            self._start_producer(generation_id)
 
     def _leave(self, reader: _Reader) -> None:
         readers = self.readers.get(reader.generation_id, [])
@@ -346,9 +357,12 @@ class GenerationStore:
             return
         # The lease first, then the last entry: two workers never pick a start from the same stale view.
         if await self.redis.set(Keys.of(generation_id).lease, self.owner, nx=True, px=self.lease_ms):
-            task = asyncio.ensure_future(self._produce(generation_id))
-            self.producers[generation_id] = task
-            task.add_done_callback(lambda _: self.producers.pop(generation_id, None))
+            self._start_producer(generation_id)
+
+    def _start_producer(self, generation_id: str) -> None:
+        task = asyncio.ensure_future(self._produce(generation_id))
+        self.producers[generation_id] = task  # the app's, not the request's: a disconnect does not cancel it
+        task.add_done_callback(lambda _: self.producers.pop(generation_id, None))
 
     async def _produce(self, generation_id: str) -> None:
         keys = Keys.of(generation_id)

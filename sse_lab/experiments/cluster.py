@@ -128,10 +128,13 @@ async def follow(
     timeout_s: float = 30.0,
     **params: str | int | float,
 ) -> Follow:
-    """Read generation `generation` from `base_url` to its end, through every reconnection; see `Follow`."""
+    """Read generation `generation` from `base_url` to its end, through every reconnection; see `Follow`.
+
+    An empty `generation` sends none: the single-process app takes no such parameter.
+    """
     result = record or Follow(generation, prompt, params)
     result._loop, result._cut = asyncio.get_running_loop(), asyncio.Event()
-    query = {"prompt": prompt, "generation": generation, **params}
+    query = {"prompt": prompt, **params} | ({"generation": generation} if generation else {})
     last_event_id = ""
     async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
         for _ in range(max_reconnects + 1):
@@ -285,7 +288,7 @@ def kill_serving_worker(
 ) -> Scenario:
     """Stream a generation, SIGKILL the worker serving it after `kill_after` tokens, follow it to the end."""
     with _background() as background:
-        record = Follow(generation, prompt, {})
+        record = Follow(generation, prompt, _params(max_tokens, ttft_ms, token_ms))
         done = background.submit(
             follow(
                 cluster.url,
@@ -318,7 +321,7 @@ def cut_and_resume(
 ) -> Scenario:
     """Cut only the connection after `cut_after` tokens; the client reconnects at once and gets a replay."""
     with _background() as background:
-        record = Follow(generation, prompt, {})
+        record = Follow(generation, prompt, _params(max_tokens, ttft_ms, token_ms))
         done = background.submit(
             follow(
                 cluster.url,
@@ -350,7 +353,7 @@ def kill_producer(
     """Two readers of one generation on two workers; SIGKILL the producer's worker; both end with the full text."""
     params = _params(max_tokens, ttft_ms, token_ms)
     with _background() as background:
-        first, watcher = Follow(generation, prompt, {}), Follow(generation, prompt, {})
+        first, watcher = Follow(generation, prompt, params), Follow(generation, prompt, params)
         streaming = background.submit(follow(cluster.url, prompt, generation, record=first, **params))
         _wait_until(lambda: len(first.arrivals) >= 1, 10, "the first token")
         watching = background.submit(follow(cluster.url, prompt, generation, record=watcher, **params))
@@ -387,12 +390,14 @@ def stream_pool(
     specs: Iterable[StreamSpec],
     *,
     concurrency: int,
-    during: Callable[[Callable[[], list[Follow]]], None],
+    during: Callable[[Callable[[], list[Follow]]], None] | None = None,
 ) -> list[Follow]:
-    """Keep `concurrency` streams running from `specs` while `during(active)` runs in this thread; then finish them.
+    """Run the streams of `specs`, `concurrency` at a time, to their end; return what each client got.
 
-    `active()` lists the streams running now, for `during` to cut. This is the
-    load of the fault run; a load generator with the same shape can stand in for it.
+    With `during`, streams are started only while `during(active)` runs in this
+    thread (`specs` may then be endless); `active()` lists the streams running now,
+    for `during` to cut. This is the load of the fault run; a load generator with
+    the same shape can stand in for it.
     """
     specs = iter(specs)
     follows: list[Follow] = []
@@ -415,10 +420,12 @@ def stream_pool(
     with _background() as background:
         done = background.submit(clients())
         try:
-            during(lambda: [record for record in list(follows) if id(record) in running])
+            if during is not None:
+                during(lambda: [record for record in list(follows) if id(record) in running])
+                stopping.set()
+            done.result(120)
         finally:
             stopping.set()
-        done.result(120)
     return follows
 
 
@@ -520,7 +527,7 @@ def fault_run(
 # Throughput and what Redis costs
 
 
-def throughput(cluster: Cluster, *, streams: int = 24, concurrency: int = 8, max_tokens: int = 100) -> float:
+def throughput(cluster: Cluster, *, streams: int = 16, concurrency: int = 8, max_tokens: int = 50) -> float:
     """Tokens per second delivered through nginx to `concurrency` clients, model as fast as it goes (0 ms a token).
 
     Throughput = tokens received by all clients / wall time from the first request to the last token.
@@ -529,7 +536,7 @@ def throughput(cluster: Cluster, *, streams: int = 24, concurrency: int = 8, max
     params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0}
     specs = [StreamSpec(f"throughput {n}", f"tp-{run_id}-{n}", params) for n in range(streams)]
     started = time.perf_counter()
-    follows = stream_pool(cluster.url, specs, concurrency=concurrency, during=lambda active: None)
+    follows = stream_pool(cluster.url, specs, concurrency=concurrency)
     ended = max(record.arrivals[-1].at for record in follows if record.arrivals)
     return sum(len(record.arrivals) for record in follows) / (ended - started)
 
@@ -569,11 +576,13 @@ def redis_cost(*, runs: int = 8, max_tokens: int = 40, ttft_ms: float = 50, toke
             "plain": stack.enter_context(start_worker(None, WorkerOptions(), directory)),
             "redis": stack.enter_context(start_worker(redis_server.url, WorkerOptions(), directory)),
         }
+        background = stack.enter_context(_background())  # a loop of its own: a notebook's is running already
         run_id = time.time_ns()
         for name, worker in workers.items():
             lateness, ttfts = [], []
             for n in range(runs):
-                record = asyncio.run(follow(worker.url, "cost", f"cost-{run_id}-{n}", **params))
+                generation = f"cost-{run_id}-{n}" if name == "redis" else ""
+                record = background.submit(follow(worker.url, "cost", generation, **params)).result(30)
                 ttfts.append(1000 * (record.arrivals[0].at - record.started_at))
                 lateness += [
                     1000 * (arrival.at - record.started_at) - (ttft_ms + arrival.index * token_ms)
