@@ -479,11 +479,11 @@ def fault_run(
     faults: int = 100,
     kill_share: float = 0.1,
     interval_s: float = 0.1,
-    concurrency: int = 6,
+    concurrency: int = 4,
     seed: int = 0,
-    max_tokens: int = 60,
+    max_tokens: int = 40,
     ttft_ms: float = 50,
-    token_ms: float = 10,
+    token_ms: float = 30,
     progress: bool = True,
 ) -> FaultRun:
     """Random kills and cuts during a load of `concurrency` streams; every stream is checked token by token.

@@ -382,8 +382,10 @@ def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False)
     """nginx.conf spreading 127.0.0.1:`port` over several upstreams, with the event-stream settings of notebook 03.
 
     least_conn sends a new stream to the worker with the fewest open ones; a worker
-    that refuses connections (killed) is skipped for 1 s and the request goes to the
-    next (`proxy_next_upstream`, before any byte was sent). Buffering is off, and
+    that refuses connections (killed) passes the request on to the next one
+    (`proxy_next_upstream`, before any byte was sent), and is never marked down
+    (`max_fails=0`): it is back on its port as soon as it restarts, and marking it
+    down after one failure made nginx answer 502 while the others were busy. Buffering is off, and
     `proxy_read_timeout` is moderate: a stopped (not dead) worker still accepts TCP,
     and its streams end after that long without a byte (the server's heartbeats keep
     live ones open). Request headers, `Last-Event-ID` among them, are forwarded as they are.
@@ -391,7 +393,7 @@ def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False)
     if not upstream_urls:
         raise ValueError("the cluster needs at least one upstream")
     servers = [
-        f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=1 fail_timeout=1s;"
+        f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;"
         for url in upstream_urls
     ]
     location = [
