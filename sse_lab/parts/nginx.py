@@ -392,10 +392,7 @@ def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False)
     """
     if not upstream_urls:
         raise ValueError("the cluster needs at least one upstream")
-    servers = [
-        f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;"
-        for url in upstream_urls
-    ]
+    servers = [f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;" for url in upstream_urls]
     location = [
         "proxy_pass http://workers;",
         "proxy_buffering off;",
