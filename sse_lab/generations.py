@@ -55,7 +55,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .model import GenerationRequest, TokenSource
@@ -80,6 +80,7 @@ WORKER_HEADER = "X-SSE-Lab-Worker"
 GENERATION_PARAMETER = "generation"
 KEY_PREFIX = "sse-lab"
 READ_BLOCK_MS = 1_000  # the reader's XREAD BLOCK; a join interrupts it at once through the wake stream
+READ_RETRY_S = 1.0
 _GENERATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _TOKEN, _END = b"token", b"end"
 
@@ -237,6 +238,11 @@ class GenerationStore:
             }
             reader = _Reader(generation_id, f"{generation.resume_from}-0")
             await self._join(reader, json.dumps(record))
+        except RedisError as failure:
+            self.stats.stream_ended("failed")
+            logger.warning("Redis failed: %r", failure)
+            reason = "the stream store (Redis) is unavailable; try again shortly"
+            return JSONResponse({"error": "store_unavailable", "reason": reason}, status_code=503)
         except BaseException:
             self.stats.stream_ended("failed")
             raise
@@ -311,7 +317,7 @@ class GenerationStore:
                 replies = await self._blocking.xread(streams, block=READ_BLOCK_MS)  # type: ignore[arg-type]
             except RedisError as failure:
                 logger.warning("reading the streams failed: %r", failure)
-                await asyncio.sleep(self.poll_s)
+                await asyncio.sleep(READ_RETRY_S)  # one line a second while Redis is away, not a flood
                 continue
             for key, entries in replies:
                 name = key.decode()

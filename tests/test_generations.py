@@ -140,3 +140,16 @@ def test_a_producer_that_lost_its_lease_cannot_write(redis_server: RedisServer) 
         with pytest.raises(redis.ResponseError):  # an id written already is refused: no duplicate token
             append(keys=[keys.lease, keys.stream, keys.request], args=["new-owner", entry_id(0), "token", "c", 5000])
         assert client.xlen(keys.stream) == 1
+
+
+def test_a_request_while_redis_is_down_gets_503_not_a_traceback() -> None:
+    if redis_or_skip() is None:
+        pytest.skip(SKIP_MESSAGE)
+    with start_redis() as lonely:
+        app = create_app(Settings(redis_url=lonely.url))
+        with serve_in_background(app) as server:
+            lonely.stop()
+            response = httpx.get(server.url + "/api/chat/stream", params={"prompt": "hi", "generation": "down-1"})
+            assert response.status_code == 503
+            assert response.json()["error"] == "store_unavailable"
+            wait_for(lambda: stats(server)["streams_active"] == 0, what="the slot released")
