@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
-from sse_lab.experiments.cluster import Follow, follow
+from sse_lab.experiments.beyond_one_process import Follow, follow
 from sse_lab.generations import _APPEND, WORKER_HEADER, Keys, entry_id, generation_keys, worker_id
 from sse_lab.model import sim_tokens
 from sse_lab.parts.redis import SKIP_MESSAGE, RedisServer, redis_or_skip, start_redis

@@ -263,7 +263,7 @@ def check_lost_and_duplicated(count: Callable[[list[int], int], tuple[int, int]]
         "nothing arrived": ([], 3, (3, 0)),
     }
     if measured is not None:
-        from ..experiments.cluster import Follow
+        from ..experiments.beyond_one_process import Follow
 
         assert isinstance(measured, Follow)
         indices = [arrival.index for arrival in measured.arrivals]

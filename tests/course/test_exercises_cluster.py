@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sse_lab.course.exercises import check_lost_and_duplicated, check_resume_position
-from sse_lab.experiments.cluster import Arrival, Follow
+from sse_lab.experiments.beyond_one_process import Arrival, Follow
 from sse_lab.parts.redis import SKIP_MESSAGE, redis_or_skip, start_redis
 
 

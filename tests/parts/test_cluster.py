@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sse_lab.experiments.cluster import fault_run, kill_producer, kill_serving_worker
+from sse_lab.experiments.beyond_one_process import fault_run, kill_producer, kill_serving_worker
 from sse_lab.generations import WORKER_HEADER
 from sse_lab.parts.cluster import Cluster, WorkerOptions, start_cluster
 from sse_lab.parts.nginx import upstream_conf

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from sse_lab.experiments.cluster import Arrival, FaultRun, Follow, Leg, redis_cost, throughput
+from sse_lab.experiments.beyond_one_process import Arrival, FaultRun, Follow, Leg, redis_cost, throughput
 from sse_lab.parts.cluster import WorkerOptions, start_cluster
 from sse_lab.parts.redis import SKIP_MESSAGE, redis_or_skip
 
