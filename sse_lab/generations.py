@@ -203,6 +203,9 @@ class GenerationStore:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        if self._redis is not None:
+            with contextlib.suppress(RedisError):
+                await self._redis.delete(self.wake_key)
         for connection in (self._blocking, self._redis):
             if connection is not None:
                 await connection.aclose()
@@ -287,6 +290,7 @@ class GenerationStore:
                 if bid:  # the lease first, then (in the producer) the last entry, never the other way round
                     pipe.set(keys.lease, self.owner, nx=True, px=self.lease_ms)
                 pipe.xadd(self.wake_key, {"join": generation_id}, maxlen=16, approximate=True)
+                pipe.pexpire(self.wake_key, self.expire_ms)  # a worker that died leaves nothing for ever
                 replies = await pipe.execute()
         except BaseException:
             self._leave(reader)

@@ -112,6 +112,8 @@ def test_streams_expire(redis_server: RedisServer, settings: Settings) -> None:
         stream_chat(server.url, "expire", generation="expire-1", **FAST)
         assert generation_keys(redis_server.url, "expire-1")["stream"]
         wait_for(lambda: not any(generation_keys(redis_server.url, "expire-1").values()), 3, "every key to expire")
+    with redis.Redis.from_url(redis_server.url) as client:
+        assert client.keys("sse-lab:wake:*") == []  # a stopped worker deletes its wake stream
 
 
 def test_a_generation_nobody_reads_stops_after_the_grace_period(
