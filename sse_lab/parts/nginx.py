@@ -131,11 +131,6 @@ def nginx_conf(config: ProxyConfig, upstream_url: str, port: int, *, as_root: bo
     Errors go to stderr, which `start_nginx` sends to a file in that directory.
     """
     location = [f"proxy_pass {_proxy_pass_target(upstream_url)};", *config.directives()]
-    return _conf(location, port, as_root=as_root)
-
-
-def _conf(location: list[str], port: int, *, as_root: bool, upstream: list[str] | None = None) -> str:
-    """nginx.conf with one server on 127.0.0.1:`port` whose `location /` holds `location`; see `nginx_conf`."""
     lines = [
         # As root, nginx runs its workers as `nobody`, who could not enter the private
         # (0700, root-owned) directory that holds the temporary files. Rather than open
@@ -155,7 +150,6 @@ def _conf(location: list[str], port: int, *, as_root: bool, upstream: list[str] 
         "    fastcgi_temp_path fastcgi_temp;",
         "    uwsgi_temp_path uwsgi_temp;",
         "    scgi_temp_path scgi_temp;",
-        *(f"    {line}" for line in upstream or []),
         "    server {",
         f"        listen 127.0.0.1:{port};",
         "        location / {",
@@ -392,15 +386,20 @@ def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False)
     """
     if not upstream_urls:
         raise ValueError("the cluster needs at least one upstream")
-    servers = [f"    server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;" for url in upstream_urls]
+    servers = [
+        f"        server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;" for url in upstream_urls
+    ]
     location = [
         "proxy_pass http://workers;",
-        "proxy_buffering off;",
         f"proxy_read_timeout {CLUSTER_READ_TIMEOUT_S}s;",
         "proxy_connect_timeout 1s;",
         "proxy_next_upstream error timeout http_502 http_503;",
     ]
-    return _conf(location, port, as_root=as_root, upstream=["upstream workers {", "    least_conn;", *servers, "}"])
+    # nginx_conf's server, its proxy_pass pointed at an upstream block of every worker.
+    conf = nginx_conf(CLUSTER_CONFIG, upstream_urls[0], port, as_root=as_root)
+    conf = conf.replace(f"proxy_pass {_proxy_pass_target(upstream_urls[0])};", "\n            ".join(location), 1)
+    upstream = ["    upstream workers {", "        least_conn;", *servers, "    }", "    server {\n"]
+    return conf.replace("    server {\n", "\n".join(upstream), 1)
 
 
 def start_nginx_upstream(upstream_urls: list[str], *, port: int = 0, startup_timeout_s: float = 10.0) -> NginxProxy:
