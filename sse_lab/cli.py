@@ -173,6 +173,10 @@ def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     raise _Stopped
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
 def _log_to_terminal() -> None:
     """Show the kit's log lines (a model failing mid-stream, say) on stderr; the package alone stays quiet."""
     handler = logging.StreamHandler(sys.stderr)
@@ -224,8 +228,27 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
     print(f"figure written to {output}")
 
 
+def cluster(workers: int, port: int) -> None:
+    """Redis, `workers` worker processes and nginx on `port` in the foreground, until Ctrl-C (or SIGTERM)."""
+    from .parts.cluster import run_cluster
+
+    for signum in STOP_SIGNALS:  # SIGINT too: a background job of a script inherits it ignored
+        signal.signal(signum, _exit_on_signal)
+    try:
+        run_cluster(workers, port)
+    except (RuntimeError, ValueError) as error:  # a part missing or failing to start: one line, no traceback
+        print(f"sse-lab: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _add_cluster_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("cluster", help="Redis, N worker processes and nginx in front, in the foreground")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="nginx's port, 0 for a free one (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: `serve` with its flags, and `demo`."""
+    """The command line: `serve` with its flags, `demo`, and `cluster`."""
     parser = argparse.ArgumentParser(prog="python -m sse_lab", description="Stream LLM tokens with SSE, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -251,13 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--ttft-ms", type=float, default=200, help="model prefill time (default: %(default)s)")
     demo_parser.add_argument("--token-ms", type=float, default=25, help="time per token (default: %(default)s)")
     demo_parser.add_argument("--output", type=Path, default=Path("why_streaming.png"), help="PNG to write")
+    _add_cluster_command(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "serve":
+        if args.command == "cluster":
+            cluster(args.workers, args.port)
+        elif args.command == "serve":
             serve(args)
         else:
             demo(args.runs, args.tokens, args.ttft_ms, args.token_ms, args.output)

@@ -105,6 +105,14 @@ class Settings:
     send_timeout_s: float | None = None
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
     header_timeout_s: float = 5.0
+    # The cluster (sse_lab.generations): with a Redis URL, streams are generations kept in Redis,
+    # served by any worker. lease_ms: a producer silent this long is taken over. generation_grace_s:
+    # a generation runs on this long after its last reader left (None: retry_ms + 2 s).
+    # stream_expire_s: a generation's keys are deleted this long after its last write.
+    redis_url: str | None = None
+    lease_ms: int = 1_500
+    generation_grace_s: float | None = None
+    stream_expire_s: float = 600.0
 
     @property
     def max_request_head_bytes(self) -> int:
@@ -795,8 +803,15 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
     models = {**MODELS, **(models or {})}
     stats = StreamStats()
     chat_stats = ChatStats()
+    store = None
+    if settings.redis_url is not None:
+        from .generations import GenerationStore  # imports this module
+
+        store = GenerationStore(settings, models, stats)
 
     async def chat_stream(request: Request) -> Response:
+        if store is not None:
+            return await store.respond(request)
         source, generation = parse_request(request, settings, models)
         generation = parse_resume(request, generation)
         options = parse_stream_options(request, generation, settings)
@@ -865,4 +880,8 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
     app.state.settings = settings  # serve_in_background reads the connection limits here
     app.router.redirect_slashes = False
     app.router.default = partial(_relative_slash_redirect, app.router)
+    if store is not None:
+        from .generations import install
+
+        install(app, store)
     return app

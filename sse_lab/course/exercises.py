@@ -550,3 +550,71 @@ def check_send_timeout(send_timeout_for: Callable[[float], float]) -> None:
     counters = send_timeout(timeout_s)
     assert counters["streams_send_timeout"] == 1 and counters["second_client_tokens"] == 5
     _passed(exercise, "Pauses survive, dead readers free their slot, and /api/stats says why.")
+
+
+# Notebook 11: beyond one process
+
+
+def check_lost_and_duplicated(count: Callable[[list[int], int], tuple[int, int]], measured: object = None) -> None:
+    """Exercise 11.1: `count(indices, expected)` returns (lost, duplicated) for the token indices a client received.
+
+    lost: indices from 0 to expected - 1 that never arrived; duplicated: arrivals
+    beyond the first of an index. `measured`, a `Follow` of the notebook, is checked too.
+    """
+    exercise = "Exercise 1 (count lost and duplicated tokens)"
+    if not _attempted(exercise, lambda: count([0, 1], 2)):
+        return
+    cases = {
+        "all there": ([0, 1, 2, 3], 4, (0, 0)),
+        "a gap": ([0, 1, 3], 4, (1, 0)),
+        "a replay that overlapped": ([0, 1, 2, 1, 2, 3], 4, (0, 2)),
+        "both": ([0, 0, 2], 4, (2, 1)),
+        "nothing arrived": ([], 3, (3, 0)),
+    }
+    if measured is not None:
+        from ..experiments.beyond_one_process import Follow
+
+        assert isinstance(measured, Follow)
+        indices = [arrival.index for arrival in measured.arrivals]
+        expected_tokens = int(measured.params["max_tokens"])
+        cases["the notebook's stream"] = (
+            indices,
+            expected_tokens,
+            (measured.lost(expected_tokens), measured.duplicated),
+        )
+    for name, (indices, expected, answer) in cases.items():
+        got = count(list(indices), expected)
+        assert tuple(got) == answer, f"{name}: indices {indices} of {expected} tokens: expected {answer}, got {got}"
+    _passed(exercise, "Counting by index is what lets a fault run claim 0 lost and 0 duplicated.")
+
+
+def check_resume_position(resume_position: Callable[[str], str], redis_url: str | None = None) -> None:
+    """Exercise 11.2: `resume_position(last_event_id)` is the XREAD id after which a resumed reader's tokens start.
+
+    Token i is stream entry `{i+1}-0`; XREAD returns the entries after the id it is
+    given. With `redis_url`, the answer is tried on a real stream.
+    """
+    exercise = "Exercise 2 (where to resume in the stream)"
+    if not _attempted(exercise, lambda: resume_position("")):
+        return
+    for last_event_id, expected in [("", "0-0"), ("0", "1-0"), ("7", "8-0"), ("41", "42-0")]:
+        got = resume_position(last_event_id)
+        assert got == expected, (
+            f"after Last-Event-ID {last_event_id!r} the reader must start at token "
+            f"{int(last_event_id or -1) + 1}, entry {int(last_event_id or -1) + 2}-0; XREAD is exclusive: "
+            f"expected {expected!r}, got {got!r}"
+        )
+    if redis_url is not None:
+        import time
+
+        import redis
+
+        key = f"sse-lab:exercise:{time.time_ns()}"
+        with redis.Redis.from_url(redis_url) as client:
+            for index in range(10):
+                client.xadd(key, {"token": str(index)}, id=f"{index + 1}-0")
+            entries = client.xread({key: resume_position("4")})[0][1]
+            client.delete(key)
+        first = int(entries[0][1][b"token"])
+        assert first == 5, f"after token 4, XREAD from your position returned token {first} first"
+    _passed(exercise, "Resume after token k from entry k+1-0, exclusive: no gap, no duplicate.")

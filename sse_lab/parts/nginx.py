@@ -42,6 +42,7 @@ import subprocess
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -286,10 +287,28 @@ def start_nginx(
     refuses the configuration or does not start in time. Nothing is left behind
     when it fails: no process, no directory.
     """
+    _proxy_pass_target(upstream_url)  # refuse a bad URL before anything is created
+    return _start(
+        lambda port, as_root: nginx_conf(config, upstream_url, port, as_root=as_root, tls=tls),
+        config,
+        startup_timeout_s,
+        tls=tls,
+    )
+
+
+def _start(
+    render: Callable[[int, bool], str],
+    config: ProxyConfig,
+    startup_timeout_s: float,
+    *,
+    port: int = 0,
+    tls: bool = False,
+) -> NginxProxy:
+    """Run nginx on the configuration `render(port, as_root)` gives for `port` (0: a free one); see `start_nginx`."""
+    fixed_port = port
     binary = find_nginx()
     if binary is None:
         raise NginxNotFoundError(f"nginx is neither on PATH nor in {SYSTEM_BINARY_DIR} ({INSTALL_HINT})")
-    _proxy_pass_target(upstream_url)  # refuse a bad URL before anything is created
     deadline = time.monotonic() + startup_timeout_s
     directory = Path(tempfile.mkdtemp(prefix="sse-lab-nginx-"))
     try:
@@ -297,9 +316,9 @@ def start_nginx(
             write_self_signed_certificate(directory)
         # nginx cannot be told to pick a free port: the kit finds one, and tries
         # another when something else takes it before nginx binds it.
-        for _ in range(PORT_ATTEMPTS):
-            port = _free_port()
-            conf = nginx_conf(config, upstream_url, port, as_root=os.name == "posix" and os.geteuid() == 0, tls=tls)
+        for _ in range(1 if fixed_port else PORT_ATTEMPTS):
+            port = fixed_port or _free_port()
+            conf = render(port, os.name == "posix" and os.geteuid() == 0)
             (directory / _CONF).write_text(conf)
             process = _launch(binary, directory)
             try:
@@ -309,6 +328,8 @@ def start_nginx(
                 _stop_process(process)
                 raise
             _stop_process(process)  # the port was taken: try another
+        if fixed_port:
+            raise NginxStartError(f"port {fixed_port} is taken")
         raise NginxStartError(f"{PORT_ATTEMPTS} free ports in a row were taken before nginx could bind them")
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -388,3 +409,50 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
     _stop_process(process)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# Several upstreams: the cluster (sse_lab.parts.cluster)
+
+CLUSTER_CONFIG = ProxyConfig(proxy_buffering=False)
+CLUSTER_READ_TIMEOUT_S = 30
+
+
+def upstream_conf(upstream_urls: list[str], port: int, *, as_root: bool = False) -> str:
+    """nginx.conf spreading 127.0.0.1:`port` over several upstreams, with the event-stream settings of notebook 03.
+
+    least_conn sends a new stream to the worker with the fewest open ones; a worker
+    that refuses connections (killed) passes the request on to the next one
+    (`proxy_next_upstream`, before any byte was sent), and is never marked down
+    (`max_fails=0`): it is back on its port as soon as it restarts, and marking it
+    down after one failure made nginx answer 502 while the others were busy. Buffering is off, and
+    `proxy_read_timeout` is moderate: a stopped (not dead) worker still accepts TCP,
+    and its streams end after that long without a byte (the server's heartbeats keep
+    live ones open). Request headers, `Last-Event-ID` among them, are forwarded as they are.
+    """
+    if not upstream_urls:
+        raise ValueError("the cluster needs at least one upstream")
+    servers = [
+        f"        server {_proxy_pass_target(url).removeprefix('http://')} max_fails=0;" for url in upstream_urls
+    ]
+    location = [
+        "proxy_pass http://workers;",
+        f"proxy_read_timeout {CLUSTER_READ_TIMEOUT_S}s;",
+        "proxy_connect_timeout 1s;",
+        "proxy_next_upstream error timeout http_502 http_503;",
+    ]
+    # nginx_conf's server, its proxy_pass pointed at an upstream block of every worker.
+    conf = nginx_conf(CLUSTER_CONFIG, upstream_urls[0], port, as_root=as_root)
+    conf = conf.replace(f"proxy_pass {_proxy_pass_target(upstream_urls[0])};", "\n            ".join(location), 1)
+    upstream = ["    upstream workers {", "        least_conn;", *servers, "    }", "    server {\n"]
+    return conf.replace("    server {\n", "\n".join(upstream), 1)
+
+
+def start_nginx_upstream(upstream_urls: list[str], *, port: int = 0, startup_timeout_s: float = 10.0) -> NginxProxy:
+    """Run nginx on loopback `port` (0: a free one) in front of several upstreams; see `start_nginx`."""
+    upstream_conf(upstream_urls, 1)  # refuse bad URLs before anything is created
+    return _start(
+        lambda port, as_root: upstream_conf(upstream_urls, port, as_root=as_root),
+        CLUSTER_CONFIG,
+        startup_timeout_s,
+        port=port,
+    )
