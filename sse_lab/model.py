@@ -177,6 +177,24 @@ def echo(request: GenerationRequest) -> AsyncIterator[str]:
     return _paced(echo_tokens(request.prompt)[request.resume_from : request.max_tokens], request)
 
 
+def one_at_a_time(source: TokenSource) -> TokenSource:
+    """`source`, serving one generation at a time per event loop: the others wait their turn.
+
+    A single llama.cpp context works this way (`sse_lab.llama`): a request's TTFT is
+    then its wait plus its own prefill. `one_at_a_time(sim)` models that queue with
+    the sim's exact timing.
+    """
+    turns: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+    async def queued(request: GenerationRequest) -> AsyncIterator[str]:
+        turn = turns.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with turn:
+            async for token in source(request):
+                yield token
+
+    return queued
+
+
 def _installed_real_models() -> dict[str, TokenSource]:
     """Real models whose optional extra is installed: `smollm2` with the `model` extra (`sse_lab.llama`)."""
     from . import llama  # here, not at the top: sse_lab.llama builds on this module

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import threading
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_lab import GenerationRequest, llama, serve_in_background, stream_chat
+from sse_lab.experiments import real_model
 from sse_lab.experiments.real_model import REAL, app_with, model_or_skip
 from sse_lab.llama import LlamaModel, naive_pieces, pieces
 from sse_lab.model import sim_tokens
@@ -99,6 +101,11 @@ def test_multibyte_characters_arrive_whole_however_the_tokens_split_them(model: 
     split = [token for token in raw if _undecodable(token)]
     assert split, "the reply had no character split across tokens: pick a prompt that does"
     assert "\ufffd" in "".join(naive_pieces(iter(raw)))
+
+
+def test_with_the_model_on_a_thread_a_paced_stream_beside_it_stays_on_time(model: LlamaModel) -> None:
+    (lateness,) = real_model.loop_lateness(sim_tokens=30, variants=[real_model.ON_A_THREAD], progress=False).values()
+    assert statistics.quantiles(lateness, n=100)[-1] <= 50  # p99, ms
 
 
 def test_a_client_that_leaves_stops_the_c_loop_within_one_token(model: LlamaModel) -> None:

@@ -66,18 +66,26 @@ def lateness_ms(result: ChatResult, token_ms: float, ttft_ms: float = 0.0) -> li
     ]
 
 
+ON_THE_LOOP = "model on the event loop"
+ON_A_THREAD = "model on a thread"
+
+
 def loop_lateness(
-    *, sim_tokens: int = 40, token_ms: float = 50, real_tokens: int = 32, progress: bool = True
+    *,
+    sim_tokens: int = 40,
+    token_ms: float = 50,
+    real_tokens: int = 32,
+    variants: Sequence[str] = (ON_THE_LOOP, ON_A_THREAD),
+    progress: bool = True,
 ) -> dict[str, list[float]]:
     """A simulated 20 tokens/s stream served beside back-to-back real generations: its lateness in ms.
 
-    Once with llama.cpp called on the event loop, once on a worker thread. Keys:
-    "model on the event loop", "model on a thread".
+    Once with llama.cpp called on the event loop (`ON_THE_LOOP`), once on a worker
+    thread (`ON_A_THREAD`), or only the `variants` asked for.
     """
     results = {}
-    variants = {"model on the event loop": False, "model on a thread": True}
-    for label, on_thread in tqdm(variants.items(), desc="loop lateness", disable=not progress):
-        model = LlamaModel(on_thread=on_thread)
+    for label in tqdm(variants, desc="loop lateness", disable=not progress):
+        model = LlamaModel(on_thread=label == ON_A_THREAD)
         model.load()
         with serve_in_background(app_with(model)) as server:
             paced = _beside_real_generations(server.url, model, sim_tokens, token_ms, real_tokens)
