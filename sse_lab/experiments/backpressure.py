@@ -25,7 +25,7 @@ stalled connection takes megabytes before the app notices anything.
 Run all three at full size and save the results (the notebook plots a small run
 of its own, and these):
 
-    python -m sse_lab.experiments.backpressure --json benchmarks/backpressure.json
+    python -m sse_lab.experiments.backpressure --json sse_lab/experiments/backpressure_report.json
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from ..sse import Decoder
 from .memory import MemoryMeasurementUnavailable, ServerProcess, server_process
 
 PROMPT = "How much can a stalled reader make the server hold?"
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "backpressure.json"  # saved by `main`
+BENCHMARK = Path(__file__).resolve().parent / "backpressure_report.json"  # saved by `main`, shipped as package data
 READ_SIZE = 65_536
 
 
