@@ -42,6 +42,7 @@ from .common import (
     integer,
     json_data,
     knobs,
+    message_turns,
     prompt_of,
     required,
     sse,
@@ -70,15 +71,7 @@ _ERROR_TYPE |= {"rate_limit": "rate_limit_error", "model_error": "api_error", "t
 def parse(body: dict[str, JSON]) -> Ask:
     """Read a Messages body into the kit's parameters; `max_tokens` is required, as Anthropic's API requires it."""
     check_fields(body, FIELDS)
-    messages = required(body, "messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParameter("messages", "must be a non-empty list of messages")
-    turns = []
-    for number, message in enumerate(messages):
-        where = f"messages[{number}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise InvalidParameter(f"{where}.role", f"must be one of {', '.join(ROLES)}")
-        turns.append((message["role"], text_of(message.get("content"), f"{where}.content", ("text",))))
+    turns = message_turns(body, ROLES)
     system = None if body.get("system") is None else text_of(body["system"], "system", ("text",))
     parameters = {"prompt": prompt_of(system, turns), "model": string(required(body, "model"), "model")}
     parameters |= {"max_tokens": integer(required(body, "max_tokens"), "max_tokens"), **knobs(body)}

@@ -198,6 +198,20 @@ def text_of(content: JSON, path: str, part_types: tuple[str, ...]) -> str:
     return "".join(texts)
 
 
+def message_turns(body: Mapping[str, JSON], roles: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The (role, text) of each of the body's `messages` (required, non-empty), whose role must be one of `roles`."""
+    messages = required(body, "messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages", "must be a non-empty list of messages")
+    turns = []
+    for number, message in enumerate(messages):
+        where = f"messages[{number}]"
+        if not isinstance(message, dict) or message.get("role") not in roles:
+            raise InvalidParameter(f"{where}.role", f"must be one of {', '.join(roles)}")
+        turns.append((message["role"], text_of(message.get("content"), f"{where}.content", ("text",))))
+    return turns
+
+
 def prompt_of(system: str | None, turns: list[tuple[str, str]]) -> str:
     """The prompt the model reads: a lone user message exactly, else a transcript (see the module docstring).
 

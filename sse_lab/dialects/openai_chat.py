@@ -40,10 +40,10 @@ from .common import (
     integer,
     json_data,
     knobs,
+    message_turns,
     prompt_of,
     required,
     string,
-    text_of,
 )
 
 PATH = "/v1/chat/completions"
@@ -57,15 +57,7 @@ _FINISH = {"stop": "stop", "length": "length", "content_filter": "content_filter
 def parse(body: dict[str, JSON]) -> Ask:
     """Read a Chat Completions body into the kit's parameters."""
     check_fields(body, FIELDS)
-    messages = required(body, "messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParameter("messages", "must be a non-empty list of messages")
-    turns = []
-    for number, message in enumerate(messages):
-        where = f"messages[{number}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise InvalidParameter(f"{where}.role", f"must be one of {', '.join(ROLES)}")
-        turns.append((message["role"], text_of(message.get("content"), f"{where}.content", ("text",))))
+    turns = message_turns(body, ROLES)
     parameters = {"prompt": prompt_of(None, turns), "model": string(required(body, "model"), "model"), **knobs(body)}
     limits = {
         name: integer(body[name], name)

@@ -276,6 +276,19 @@ def lease_holder(redis_url: str, generation: str) -> str | None:
     return None if holder is None else holder.decode().split(":")[0]
 
 
+@contextlib.contextmanager
+def _one_stream(
+    cluster: Cluster, generation: str, prompt: str, params: dict[str, int | float], tokens: int
+) -> Iterator[Follow]:
+    """Follow `generation` through the cluster; yield its record once `tokens` arrived, then wait for its end."""
+    with _background() as background:
+        record = Follow(generation, prompt, params)
+        done = background.submit(follow(cluster.url, prompt, generation, record=record, **params))
+        _wait_until(lambda: len(record.arrivals) >= tokens, 10, f"{tokens} tokens")
+        yield record
+        done.result(30)
+
+
 def kill_serving_worker(
     cluster: Cluster,
     *,
@@ -287,24 +300,10 @@ def kill_serving_worker(
     token_ms: float = 20,
 ) -> Scenario:
     """Stream a generation, SIGKILL the worker serving it after `kill_after` tokens, follow it to the end."""
-    with _background() as background:
-        record = Follow(generation, prompt, _params(max_tokens, ttft_ms, token_ms))
-        done = background.submit(
-            follow(
-                cluster.url,
-                prompt,
-                generation,
-                record=record,
-                max_tokens=max_tokens,
-                ttft_ms=ttft_ms,
-                token_ms=token_ms,
-            )
-        )
-        _wait_until(lambda: len(record.arrivals) >= kill_after, 10, f"{kill_after} tokens")
+    with _one_stream(cluster, generation, prompt, _params(max_tokens, ttft_ms, token_ms), kill_after) as record:
         victim = cluster.worker(record.arrivals[-1].worker)
         fault_at = time.perf_counter()
         cluster.kill(victim)
-        done.result(30)
     cluster.restart(victim)
     return Scenario(record, expected_text(prompt, max_tokens), fault_at, killed=victim.pid)
 
@@ -320,23 +319,9 @@ def cut_and_resume(
     token_ms: float = 20,
 ) -> Scenario:
     """Cut only the connection after `cut_after` tokens; the client reconnects at once and gets a replay."""
-    with _background() as background:
-        record = Follow(generation, prompt, _params(max_tokens, ttft_ms, token_ms))
-        done = background.submit(
-            follow(
-                cluster.url,
-                prompt,
-                generation,
-                record=record,
-                max_tokens=max_tokens,
-                ttft_ms=ttft_ms,
-                token_ms=token_ms,
-            )
-        )
-        _wait_until(lambda: len(record.arrivals) >= cut_after, 10, f"{cut_after} tokens")
+    with _one_stream(cluster, generation, prompt, _params(max_tokens, ttft_ms, token_ms), cut_after) as record:
         fault_at = time.perf_counter()
         record.cut()
-        done.result(30)
     return Scenario(record, expected_text(prompt, max_tokens), fault_at)
 
 

@@ -10,7 +10,6 @@ absolute schedule, so anything above a few ms is the server's loop not running.
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -27,7 +26,7 @@ from ..client import Param, fetch_chat, fetch_stats, stream_chat
 from ..llama import LlamaModel, naive_pieces
 from ..metrics import ChatResult
 from ..model import TokenSource, echo, prompt_tokens, sim
-from ..parts.nginx import REQUIRE_SYSTEM_PARTS_ENV
+from ..parts._system import require_or_skip
 from ..server import create_app
 from .edge_cases import read_then_leave
 
@@ -43,13 +42,11 @@ def model_or_skip() -> bool:
 
     With SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (CI) a missing model raises instead.
     """
-    if llama.available():
-        return True
-    if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
-        required = f"the real model is required ({REQUIRE_SYSTEM_PARTS_ENV}=1)"
-        raise llama.ModelNotInstalledError(f"{required}: {llama.INSTALL_HINT}")
-    print(SKIP_MESSAGE)
-    return False
+    missing = f": {llama.INSTALL_HINT}"
+    found = require_or_skip(
+        llama.available() or None, "the real model", missing, SKIP_MESSAGE, llama.ModelNotInstalledError
+    )
+    return found is not None
 
 
 def app_with(model: LlamaModel) -> Starlette:

@@ -61,7 +61,8 @@ from ..client import STREAM_PATH, fetch_chat, stream_chat
 from ..instruments.relay import ByteCount, relay_to
 from ..metrics import ChatResult
 from ..model import GenerationRequest, sim
-from ..parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, start_nginx
+from ..parts._system import require_or_skip
+from ..parts.nginx import ProxyConfig, start_nginx
 from ..server import Settings, create_app
 from ..transports import chat_pb2_grpc
 from ..transports.grpc_stream import CLIENT_OPTIONS, chat_request, grpc_chat, serve_grpc_in_background
@@ -898,11 +899,7 @@ async function grpc() {
 def chromium_or_skip() -> str | None:
     """The chromium binary, or None after printing one line (an error with SSE_LAB_REQUIRE_SYSTEM_PARTS=1)."""
     binary = shutil.which("chromium") or (CHROMIUM if Path(CHROMIUM).exists() else None)
-    if binary is None:
-        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
-            raise RuntimeError(f"chromium is required ({REQUIRE_SYSTEM_PARTS_ENV}=1) but not found")
-        print(CHROMIUM_SKIP_MESSAGE)
-    return binary
+    return require_or_skip(binary, "chromium", " but not found", CHROMIUM_SKIP_MESSAGE, RuntimeError)
 
 
 def from_the_browser(binary: str) -> dict[str, dict[str, Any]]:

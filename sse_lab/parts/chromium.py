@@ -34,7 +34,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .nginx import REQUIRE_SYSTEM_PARTS_ENV
+from ._system import require_or_skip
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -80,12 +80,7 @@ def chromium_or_skip() -> str | None:
 
     With SSE_LAB_REQUIRE_SYSTEM_PARTS=1 (CI) a missing browser raises ChromiumNotFoundError instead.
     """
-    binary = find_chromium()
-    if binary is None:
-        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
-            raise ChromiumNotFoundError(f"Chromium is required ({REQUIRE_SYSTEM_PARTS_ENV}=1): {INSTALL_HINT}")
-        print(SKIP_MESSAGE)
-    return binary
+    return require_or_skip(find_chromium(), "Chromium", f": {INSTALL_HINT}", SKIP_MESSAGE, ChromiumNotFoundError)
 
 
 class _Session:

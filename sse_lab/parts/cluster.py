@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from ._system import stop_process
 from .nginx import NginxProxy, start_nginx_upstream
 from .redis import RedisServer, start_redis
 
@@ -215,13 +216,8 @@ def _ready_line(process: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """SIGTERM, SIGKILL if need be (the worker alone: it shares the kit's process group), then close its pipe."""
+    stop_process(process, STOP_TIMEOUT_S)
     if process.stdout is not None:
         process.stdout.close()
 

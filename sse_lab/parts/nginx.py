@@ -33,10 +33,8 @@ skip these experiments when it is missing, unless `SSE_LAB_REQUIRE_SYSTEM_PARTS=
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -48,19 +46,19 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
 
+from . import _system
+from ._system import REQUIRE_SYSTEM_PARTS_ENV as REQUIRE_SYSTEM_PARTS_ENV
+from ._system import free_port as _free_port
 from .tls import CERT_FILE, KEY_FILE, write_self_signed_certificate
 
-REQUIRE_SYSTEM_PARTS_ENV = "SSE_LAB_REQUIRE_SYSTEM_PARTS"
 SYSTEM_BINARY_DIR = "/usr/sbin"  # where Debian and Ubuntu put nginx; often not on a user's PATH
 INSTALL_HINT = "apt-get install nginx, or conda install -c conda-forge nginx"
 SKIP_MESSAGE = f"nginx not found: skipping the proxy experiments ({INSTALL_HINT})"
 STOP_TIMEOUT_S = 2.0
 PORT_ATTEMPTS = 5
-_POLL_S = 0.01
 _CONF = "nginx.conf"
 _PID_FILE = "nginx.pid"
 _ERROR_LOG = "error.log"
-_LOG_LINES_IN_ERRORS = 10
 
 
 class NginxNotFoundError(RuntimeError):
@@ -212,14 +210,8 @@ def nginx_or_skip() -> str | None:
     With SSE_LAB_REQUIRE_SYSTEM_PARTS=1 in the environment (CI sets it) a missing
     nginx raises NginxNotFoundError instead, so the experiments cannot silently vanish.
     """
-    binary = find_nginx()
-    if binary is None:
-        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
-            raise NginxNotFoundError(
-                f"nginx is required ({REQUIRE_SYSTEM_PARTS_ENV}=1) but is neither on PATH nor in {SYSTEM_BINARY_DIR}"
-            )
-        print(SKIP_MESSAGE)
-    return binary
+    missing = f" but is neither on PATH nor in {SYSTEM_BINARY_DIR}"
+    return _system.require_or_skip(find_nginx(), "nginx", missing, SKIP_MESSAGE, NginxNotFoundError)
 
 
 def nginx_version(binary: str) -> str:
@@ -336,13 +328,6 @@ def _start(
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _launch(binary: str, directory: Path) -> subprocess.Popen[bytes]:
     with (directory / _ERROR_LOG).open("wb") as error_log:
         return subprocess.Popen(
@@ -359,17 +344,16 @@ def _wait_until_listening(
     process: subprocess.Popen[bytes], directory: Path, port: int, deadline: float, timeout_s: float
 ) -> bool:
     """True once nginx listens on `port`; False when the port was taken; NginxStartError when nginx fails."""
-    while not _listening(process, directory, port):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(_POLL_S)  # the pause between checks, cut short if nginx exits
-        log = _log_tail(directory)
-        if "Address already in use" in log:
-            return False
-        if process.returncode is not None:
-            raise NginxStartError(f"nginx exited with status {process.returncode}:\n{log}")
-        if time.monotonic() > deadline:
-            raise NginxStartError(f"nginx did not accept connections on port {port} within {timeout_s} s:\n{log}")
-    return True
+    return _system.wait_until_ready(
+        process,
+        lambda: _listening(process, directory, port),
+        directory / _ERROR_LOG,
+        deadline,
+        timeout_s,
+        name="nginx",
+        readiness=f"accept connections on port {port}",
+        error_type=NginxStartError,
+    )
 
 
 def _listening(process: subprocess.Popen[bytes], directory: Path, port: int) -> bool:
@@ -385,25 +369,13 @@ def _listening(process: subprocess.Popen[bytes], directory: Path, port: int) -> 
     return True
 
 
-def _log_tail(directory: Path) -> str:
-    text = (directory / _ERROR_LOG).read_text(errors="replace")
-    return "\n".join(text.splitlines()[-_LOG_LINES_IN_ERRORS:])
-
-
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM is nginx's fast shutdown: open streams are cut, the worker exits, then the master.
 
-    (SIGQUIT, the graceful one, would wait for every open stream to end.)
+    (SIGQUIT, the graceful one, would wait for every open stream to end.) SIGKILL, if
+    it comes to that, goes to the process group: the master and its worker.
     """
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):  # it exited in between
-            os.killpg(process.pid, signal.SIGKILL)  # the master and its worker
-        process.wait()
+    _system.stop_process(process, STOP_TIMEOUT_S, group=True)
 
 
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:

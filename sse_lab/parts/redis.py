@@ -14,8 +14,6 @@ Redis is a system package (Debian `redis-server`, conda-forge `redis`):
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -25,16 +23,15 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from .nginx import REQUIRE_SYSTEM_PARTS_ENV
+from . import _system
+from ._system import free_port as _free_port
 
 SYSTEM_BINARY_DIR = "/usr/bin"  # where Debian and Ubuntu put redis-server
 INSTALL_HINT = "apt-get install redis-server, or conda install -c conda-forge redis"
 SKIP_MESSAGE = f"redis-server not found: skipping the cluster experiments ({INSTALL_HINT})"
 STOP_TIMEOUT_S = 2.0
 PORT_ATTEMPTS = 5
-_POLL_S = 0.01
 _LOG = "redis.log"
-_LOG_LINES_IN_ERRORS = 10
 
 
 class RedisNotFoundError(RuntimeError):
@@ -56,15 +53,8 @@ def redis_or_skip() -> str | None:
     With SSE_LAB_REQUIRE_SYSTEM_PARTS=1 in the environment (CI sets it) a missing
     Redis raises RedisNotFoundError instead.
     """
-    binary = find_redis()
-    if binary is None:
-        if os.environ.get(REQUIRE_SYSTEM_PARTS_ENV) == "1":
-            raise RedisNotFoundError(
-                f"redis-server is required ({REQUIRE_SYSTEM_PARTS_ENV}=1) but is neither on PATH nor in "
-                f"{SYSTEM_BINARY_DIR}"
-            )
-        print(SKIP_MESSAGE)
-    return binary
+    missing = f" but is neither on PATH nor in {SYSTEM_BINARY_DIR}"
+    return _system.require_or_skip(find_redis(), "redis-server", missing, SKIP_MESSAGE, RedisNotFoundError)
 
 
 class RedisServer:
@@ -128,13 +118,6 @@ def start_redis(*, startup_timeout_s: float = 10.0) -> RedisServer:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _launch(binary: str, directory: Path, port: int) -> subprocess.Popen[bytes]:
     arguments = [
         binary,
@@ -163,17 +146,17 @@ def _wait_until_ready(
     process: subprocess.Popen[bytes], directory: Path, port: int, deadline: float, timeout_s: float
 ) -> bool:
     """True once the server answers PING; False when the port was taken; RedisStartError when it fails."""
-    while not _answers_ping(port):
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(_POLL_S)  # the pause between checks, cut short if the server exits
-        log = _log_tail(directory)
-        if "Address already in use" in log:
-            return False
-        if process.returncode is not None:
-            raise RedisStartError(f"redis-server exited with status {process.returncode}:\n{log}")
-        if time.monotonic() > deadline:
-            raise RedisStartError(f"redis-server did not answer PING on port {port} within {timeout_s} s:\n{log}")
-    return process.poll() is None
+    answered = _system.wait_until_ready(
+        process,
+        lambda: _answers_ping(port),
+        directory / _LOG,
+        deadline,
+        timeout_s,
+        name="redis-server",
+        readiness=f"answer PING on port {port}",
+        error_type=RedisStartError,
+    )
+    return answered and process.poll() is None  # not another server's PONG
 
 
 def _answers_ping(port: int) -> bool:
@@ -186,21 +169,9 @@ def _answers_ping(port: int) -> bool:
         return False
 
 
-def _log_tail(directory: Path) -> str:
-    text = (directory / _LOG).read_text(errors="replace")
-    return "\n".join(text.splitlines()[-_LOG_LINES_IN_ERRORS:])
-
-
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM: Redis exits at once (nothing to save); SIGKILL if it does not."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    _system.stop_process(process, STOP_TIMEOUT_S)
 
 
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
