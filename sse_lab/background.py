@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any
 
@@ -41,46 +41,71 @@ class ServerStartError(RuntimeError):
 
 
 class _Closing:
-    """ASGI middleware that ends every open HTTP response when `close()` is called."""
+    """ASGI middleware that ends every open HTTP response when `close()` is called.
+
+    Each request runs in uvicorn's own task, with nothing added per request or per
+    message but a set entry: `close()` cancels the tasks of the open requests, and
+    each ends its response where it stands (a 503 before the headers, the end of
+    the body after them). Where a response stands is read off uvicorn's
+    request cycle (the object whose bound method `send` is); under another server,
+    a wrapper around `send` keeps track instead.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.closed = asyncio.Event()
+        self.closed = False
+        self.responding: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
         """End open responses; call it on the server's event loop."""
-        self.closed.set()
+        self.closed = True
+        for task in self.responding:
+            task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"started": False, "complete": False}
-
-        async def tracking_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["started"] = True
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                status["complete"] = True
-            await send(message)
-
-        responding = asyncio.ensure_future(self.app(scope, receive, tracking_send))
-        closing = asyncio.ensure_future(self.closed.wait())
-        try:
-            await asyncio.wait((responding, closing), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-            if not responding.done():
-                responding.cancel()
-                await asyncio.wait((responding,))
-        if not responding.cancelled():
-            responding.result()  # let the server report the app's own errors
-        elif not status["started"]:
+        progress, send = _progress(send)
+        task = asyncio.current_task()
+        assert task is not None
+        if not self.closed:
+            self.responding.add(task)
+            try:
+                await self.app(scope, receive, send)
+                return
+            except asyncio.CancelledError:
+                if not self.closed:
+                    raise
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+: the cancel was ours
+                if uncancel is not None:
+                    uncancel()
+            finally:
+                self.responding.discard(task)
+        started, complete = progress()
+        if not started:
             headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": b"server is stopping"})
-        elif not status["complete"]:
+        elif not complete:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _progress(send: Send) -> tuple[Callable[[], tuple[bool, bool]], Send]:
+    """How to tell whether the response has started and completed, and the `send` to use for it."""
+    cycle = getattr(send, "__self__", None)
+    if hasattr(cycle, "response_started") and hasattr(cycle, "response_complete"):  # uvicorn's request cycle
+        return lambda: (cycle.response_started, cycle.response_complete), send
+    status = {"started": False, "complete": False}
+
+    async def tracking_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status["started"] = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            status["complete"] = True
+        await send(message)
+
+    return lambda: (status["started"], status["complete"]), tracking_send
 
 
 class _ServerThread:

@@ -11,9 +11,9 @@ from pathlib import Path
 from types import FrameType
 
 from .background import ServerStartError, serve_in_background
-from .server import Settings, create_app
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
+from .server import Settings, create_app
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -191,8 +191,13 @@ def add_bench_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     parser.add_argument("--max-tokens", type=_positive_int, default=capacity.MAX_TOKENS)
     parser.add_argument("--token-ms", type=float, default=capacity.TOKEN_MS)
     parser.add_argument("--ramp", type=float, default=capacity.RAMP_S)
-    parser.add_argument("--agreement", type=_positive_int, nargs="*", default=list(capacity.AGREEMENT_STEPS),
-                        help="steps at which an independent reader checks the kit's figures (default: %(default)s)")
+    parser.add_argument(
+        "--agreement",
+        type=_positive_int,
+        nargs="*",
+        default=list(capacity.AGREEMENT_STEPS),
+        help="steps at which an independent reader checks the kit's figures (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, default=Path("build/capacity.json"), help="(default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=Path("build/capacity.png"), help="(default: %(default)s)")
 

@@ -396,10 +396,7 @@ def default_workers(spec: LoadSpec) -> int:
     """
     streams = expected_concurrency(spec)
     cores = os.cpu_count() or 1
-    if spec.token_ms <= 0:
-        needed = streams
-    else:
-        needed = math.ceil(streams * 1000 / spec.token_ms / PER_WORKER_EVENTS_S)
+    needed = streams if spec.token_ms <= 0 else math.ceil(streams * 1000 / spec.token_ms / PER_WORKER_EVENTS_S)
     return int(max(1, min(needed, cores, math.ceil(streams))))
 
 
@@ -708,4 +705,3 @@ def load(url: str, **spec: Any) -> LoadResult:
     """
     show = spec.pop("progress", True)
     return run_load(LoadSpec(url, **spec), progress=show)
-
