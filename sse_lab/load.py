@@ -24,9 +24,11 @@ Why it is not the bottleneck, and how it checks: each worker reads with an
 JSON parsing; token events are only counted), on uvloop when it is installed,
 and there are as many workers as the load needs (`default_workers`). Each
 worker reports its CPU share (CPU seconds / wall seconds, in % of one core) and
-every request its send lag (sent - scheduled). A busy worker stamps arrivals late
-and a lagging one sends late, so both are reported, and crossing
-`CPU_WARNING_PERCENT` or `SEND_LAG_WARNING_MS` adds a warning to the result.
+how late its own loop wakes (a timer every `LOOP_PROBE_S`), and every request its
+send lag (sent - scheduled). A busy or CPU-starved worker stamps arrivals late and
+sends late, so all three are checked: crossing `CPU_WARNING_PERCENT`,
+`LOOP_LAG_WARNING_MS` or `SEND_LAG_WARNING_MS` adds a warning to the result
+(the CLI prints it).
 
 The API a server speaks is a `Dialect`: the bytes of the request and what each
 event means (tokens, or the end). Only the kit's is here; another, such as
@@ -63,9 +65,11 @@ from .model import GenerationRequest, schedule_ms
 from .sse import Decoder, Event
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-PER_WORKER_EVENTS_S = 20_000  # token events per second one worker reads with room to spare
+PER_WORKER_EVENTS_S = 5_000  # token events per second one worker reads with room to spare, on a busy machine too
 CPU_WARNING_PERCENT = 70.0  # a worker busier than this stamps arrivals late
 SEND_LAG_WARNING_MS = 10.0  # p99 send lag above this: the schedule was not kept
+LOOP_LAG_WARNING_MS = 10.0  # a worker's loop woke this late (p99): its arrival stamps are as late
+LOOP_PROBE_S = 0.01  # how often a worker checks its own loop
 DEFAULT_TIMEOUT_S = 120.0
 START_MARGIN_S = 0.1  # workers get the start time this far ahead
 PROGRESS_EVERY_S = 0.25
@@ -405,11 +409,17 @@ def default_workers(spec: LoadSpec) -> int:
 
 @dataclass
 class WorkerReport:
-    """What a worker sends back: every record, and the CPU and wall seconds of its run."""
+    """What a worker sends back: every record, the CPU and wall seconds of its run, and its loop's lateness.
+
+    loop_lag_s: how late each of its periodic `LOOP_PROBE_S` timers fired. A
+    worker starved of CPU (the machine busy) or busy itself wakes late, and every
+    arrival it stamps is late by as much, whatever its own CPU share says.
+    """
 
     records: list[RequestRecord]
     cpu_s: float
     wall_s: float
+    loop_lag_s: list[float] = field(default_factory=list)
 
     @property
     def cpu_percent(self) -> float:
@@ -463,10 +473,18 @@ async def _run_worker(spec: LoadSpec, worker_plan: WorkerPlan, t0: float, worker
         async with slots:
             records.append(await _one_request(spec, dialect, address, at, seed, counted))
 
+    loop_lag: list[float] = []
+
     async def progress() -> None:
+        loop = asyncio.get_running_loop()
+        last_report = loop.time()
         while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
-            report.send(("progress", sum(record.counted for record in records)))
+            due = time.perf_counter() + LOOP_PROBE_S
+            await asyncio.sleep(LOOP_PROBE_S)
+            loop_lag.append(max(0.0, time.perf_counter() - due))
+            if loop.time() - last_report >= PROGRESS_EVERY_S:
+                last_report = loop.time()
+                report.send(("progress", sum(record.counted for record in records)))
 
     started_cpu = time.process_time()
     await sleep_until(t0)
@@ -483,7 +501,8 @@ async def _run_worker(spec: LoadSpec, worker_plan: WorkerPlan, t0: float, worker
             running.append(asyncio.ensure_future(arrival(t0 + at, seed, counted, slots)))
         await asyncio.gather(*running)
     reporting.cancel()
-    report.send(("done", WorkerReport(records, time.process_time() - started_cpu, time.perf_counter() - started)))
+    cpu_s, wall_s = time.process_time() - started_cpu, time.perf_counter() - started
+    report.send(("done", WorkerReport(records, cpu_s, wall_s, loop_lag)))
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -561,6 +580,12 @@ def summarize(spec: LoadSpec, reports: Sequence[WorkerReport]) -> tuple[dict[str
         warnings.append(
             f"load generator busy: worker CPU {', '.join(busy)} of a core (over {CPU_WARNING_PERCENT:g} %); "
             "its timestamps may be late: use more --workers"
+        )
+    loop_lag = percentiles([1000 * lag for report in reports for lag in report.loop_lag_s])
+    if loop_lag["p99"] is not None and loop_lag["p99"] > LOOP_LAG_WARNING_MS:
+        warnings.append(
+            f"load generator late: its event loops woke {loop_lag['p99']:.1f} ms late (p99; over "
+            f"{LOOP_LAG_WARNING_MS:g} ms), so its arrival times are as late: the machine is busy or too few --workers"
         )
     lag_p99 = summary["client"]["send_lag_ms"]["p99"]
     if lag_p99 is not None and lag_p99 > SEND_LAG_WARNING_MS:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sse_lab import stream_chat
+from sse_lab import Settings, create_app, serve_in_background, stream_chat
 from sse_lab.cli import main
 
 
@@ -54,3 +55,31 @@ def test_serve_refuses_a_port_in_use_with_a_clear_message() -> None:
         finished = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert finished.returncode == 1
     assert finished.stderr == f"sse-lab: cannot serve on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_load_runs_the_acceptance_command_and_writes_the_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "load.json"
+    with serve_in_background(create_app(Settings(max_concurrent_streams=100))) as server:
+        argv = ["load", "--url", server.url, "--concurrency", "6", "--requests", "6", "--ramp", "0.2"]
+        argv += ["--max-tokens", "5", "--ttft-ms", "0", "--token-ms", "10", "--json", str(report)]
+        assert main([*argv, "--goodput", "ttft:1000", "tpot:500"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^requests 6 in ", printed, re.MULTILINE) and re.search(r"^lateness\s", printed, re.MULTILINE)
+    summary = json.loads(report.read_text())
+    assert summary["requests"] == 6 and summary["errors"] == {} and summary["goodput"] is not None
+    assert list(summary["client"]) == ["workers", "cpu_percent", "send_lag_ms"]
+
+
+def test_load_refuses_a_plan_without_a_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["load", "--url", "http://127.0.0.1:9", "--requests", "3"]) == 2
+    assert "give a concurrency" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["load", "--url", "http://127.0.0.1:9", "--concurrency", "1", "--requests", "1", "--goodput", "x:1"])
+
+
+def test_serve_takes_max_streams() -> None:
+    command = [sys.executable, "-m", "sse_lab", "serve", "--port", "0", "--max-streams", "0"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert finished.returncode == 2 and "--max-streams" in finished.stderr
