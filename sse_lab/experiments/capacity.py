@@ -373,6 +373,7 @@ def benchmark(
     token_ms: float = TOKEN_MS,
     ramp_s: float = RAMP_S,
     agreement_steps: Sequence[int] = AGREEMENT_STEPS,
+    unpaced_runs: int = UNPACED_RUNS,
     command: str = "",
 ) -> dict[str, Any]:
     """Run the capacity benchmark; return everything measured, ready for `save`, `table` and the plots.
@@ -397,9 +398,9 @@ def benchmark(
         processes = {name: running.enter_context(server_process(name)) for name in servers}
         collapsed: set[str] = set()
         total = len(servers) * (len(steps) + 1)
-        with tqdm(total=total, desc="bench", unit="run") as bar:
+        with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
             for name in servers:
-                report["servers"][name]["unpaced_events_per_s"] = unpaced(processes[name][0])
+                report["servers"][name]["unpaced_events_per_s"] = unpaced(processes[name][0], unpaced_runs)
                 bar.update()
             for concurrency in steps:
                 for name in servers:
