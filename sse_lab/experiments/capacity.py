@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -247,20 +248,31 @@ def _read_url(process: subprocess.Popen[bytes], stderr: IO[bytes]) -> str:
 
 @contextlib.contextmanager
 def server_process(name: str) -> Iterator[tuple[str, int]]:
-    """Run server `name` in a child process for a `with` block: yields its URL and pid; stopped even on failure."""
+    """Run server `name` in a child process for a `with` block: yields its URL and pid.
+
+    It is stopped when the block ends, failed or not, and at the latest when this
+    interpreter exits (a notebook whose kernel is shut down mid-way).
+    """
     with (
         tempfile.TemporaryFile() as stderr,
         subprocess.Popen(_command(name), stdout=subprocess.PIPE, stderr=stderr, cwd=_PACKAGE_PARENT) as process,
     ):
-        try:
-            yield _read_url(process, stderr), process.pid
-        finally:
+
+        def stop() -> None:
             if process.poll() is None:
                 process.terminate()
                 try:
                     process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     process.kill()
+                    process.wait()
+
+        atexit.register(stop)
+        try:
+            yield _read_url(process, stderr), process.pid
+        finally:
+            stop()
+            atexit.unregister(stop)
 
 
 # ── The independent reader ─────────────────────────────────────────────────────────────────────────────────────
@@ -378,6 +390,8 @@ def benchmark(
 ) -> dict[str, Any]:
     """Run the capacity benchmark; return everything measured, ready for `save`, `table` and the plots.
 
+    `unpaced_runs` 0 skips the unpaced measurement.
+
     {"command", "settings", "servers": {name: {"steps": {C: {"load": the load generator's report,
     "server_cpu_us_per_token"}}, "unpaced_events_per_s", "capacity"}}, "agreement": [{"concurrency",
     "load_p99_ms", "probe_p99_ms", ...}]}
@@ -400,7 +414,8 @@ def benchmark(
         total = len(servers) * (len(steps) + 1)
         with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
             for name in servers:
-                report["servers"][name]["unpaced_events_per_s"] = unpaced(processes[name][0], unpaced_runs)
+                if unpaced_runs:
+                    report["servers"][name]["unpaced_events_per_s"] = unpaced(processes[name][0], unpaced_runs)
                 bar.update()
             for concurrency in steps:
                 for name in servers:
