@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from itertools import groupby
+from itertools import groupby, pairwise
 
 import pytest
 
@@ -16,7 +16,7 @@ from sse_lab.course.exercises import (
     check_resume,
     check_tpot,
 )
-from sse_lab.metrics import ChatResult
+from sse_lab.metrics import ChatResult, RequestRecord
 from sse_lab.parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
 
 
@@ -201,3 +201,40 @@ def test_unattempted_buffering_exercises_only_remind(capsys: pytest.CaptureFixtu
     check_lumps(not_yet)
     check_proxy_config(not_yet)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+# ── Notebook 08: under load ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_lateness_against_the_absolute_schedule_passes_and_against_the_last_token_fails(
+    server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sse_lab.course.exercises import check_lateness
+
+    def absolute(record: RequestRecord, ttft_ms: float, token_ms: float) -> list[float]:
+        return [1000 * (at - record.sent_at) - (ttft_ms + i * token_ms) for i, at in enumerate(record.arrivals)]
+
+    check_lateness(absolute, server.url)
+    assert "passed" in capsys.readouterr().out
+
+    def from_the_previous_token(record: RequestRecord, ttft_ms: float, token_ms: float) -> list[float]:
+        times = [record.sent_at, *record.arrivals]
+        return [1000 * (later - earlier) - token_ms for earlier, later in pairwise(times)]
+
+    with pytest.raises(AssertionError, match="due at sent_at"):
+        check_lateness(from_the_previous_token, server.url)
+    check_lateness(not_yet, server.url)
+    assert "not attempted yet" in capsys.readouterr().out
+
+
+def test_goodput_counts_only_done_requests_within_every_slo(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_goodput
+    from sse_lab.metrics import is_good
+
+    check_goodput(lambda records, ttft, tpot, duration: sum(is_good(r, {"ttft": ttft, "tpot": tpot}) for r in records)
+                  / duration)  # fmt: skip
+    assert "passed" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="2 good requests"):
+        check_goodput(lambda records, ttft, tpot, duration: len(records) / duration)  # throughput, not goodput
+    check_goodput(not_yet)
+    assert "not attempted yet" in capsys.readouterr().out
