@@ -74,7 +74,7 @@ DEFAULT_TIMEOUT_S = 120.0
 START_MARGIN_S = 0.1  # workers get the start time this far ahead
 PROGRESS_EVERY_S = 0.25
 SCHEDULED_MODELS = frozenset({"sim", "echo"})  # the kit's models that keep the absolute schedule
-_READ_ERRORS = (OSError, ValueError, UnicodeError)
+_READ_ERRORS = (OSError, ValueError, IndexError, UnicodeError)  # a response that breaks HTTP: cut short
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # workers run this very code
 
 

@@ -173,3 +173,16 @@ def test_only_loopback_servers_are_load_tested() -> None:
     with pytest.raises(LoadError, match="only loopback"):
         LoadSpec("http://example.com", concurrency=1, requests=1)
     LoadSpec("http://[::1]:8000", concurrency=1, requests=1)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"HTTP/1.1\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+)
+def test_a_response_that_breaks_http_is_cut_short_not_a_crash(garbage: bytes) -> None:
+    async def read() -> RequestRecord:
+        record = RequestRecord(scheduled_at=0.0, sent_at=0.0)
+        _StreamReader(record, DIALECTS["kit"].read).data_received(garbage)
+        return record
+
+    assert asyncio.run(read()).outcome == "cut_short"
