@@ -38,10 +38,11 @@ from typing import Any, TypeVar
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
 from .sse import MEDIA_TYPE, encode_comment, encode_event
@@ -456,7 +457,9 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
-        stream = _LiveStream(loop, send, self)
+        # The start goes through every layer, so each knows the response has started; the body, once started,
+        # may skip the layers that only pass it on (see `_DirectSend`).
+        stream = _LiveStream(loop, scope.get(DIRECT_SEND, send), self)
         heartbeats = None if self.heartbeat_s is None else _heartbeats(loop)
         watching = deadline = None
         try:
@@ -626,6 +629,29 @@ def _heartbeats(loop: asyncio.AbstractEventLoop) -> _Heartbeats:
     return timer
 
 
+DIRECT_SEND = "sse_lab.direct_send"
+
+
+class _DirectSend:
+    """Starlette middleware that keeps, in the scope, the `send` it was given.
+
+    Starlette's exception middleware and each route wrap `send` to note whether
+    the response has started, and pass every later message on unchanged. An
+    event stream sends thousands of messages; `EventStreamResponse` sends its
+    start through the wrappers and its body through the `send` kept here, one
+    call instead of three. Middleware added to the app later sits outside this
+    one, so it still sees every message.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await self.app(scope, receive, send)
+
+
 def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStreamResponse:
     def on_disconnect() -> None:
         chat.client_gone = True
@@ -700,6 +726,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     return Starlette(
+        middleware=[Middleware(_DirectSend)],
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),

@@ -416,18 +416,18 @@ def test_an_open_stream_costs_two_tasks_its_request_and_its_disconnect_watcher()
         yield str(len(asyncio.all_tasks()))
 
     models = {"sim": sim, "count": count_tasks}
-    with serve_in_background(create_app(Settings(heartbeat_s=0.05), models=models)) as running:
+    with serve_in_background(create_app(models=models)) as running:
         url = running.url + "/api/chat/stream"
         with httpx.Client(trust_env=False, timeout=10) as client:
             idle = int(events(url, prompt="hi", model="count", max_tokens=1)[0][2]["token"])
             with contextlib.ExitStack() as open_streams:
                 for _ in range(20):
                     response = open_streams.enter_context(
-                        client.stream("GET", url, params={"prompt": "hi", "ttft_ms": 10_000, "heartbeat_s": 0.05})
+                        client.stream("GET", url, params={"prompt": "hi", "ttft_ms": 10_000, "heartbeat_s": 60})
                     )
                     assert response.status_code == 200
                 busy = int(events(url, prompt="hi", model="count", max_tokens=1)[0][2]["token"])
-    assert busy - idle == 2 * 20
+    assert 2 * 20 <= busy - idle <= 2 * 20 + 2  # a request just finished may not have left yet
 
 
 def test_one_timer_keeps_the_heartbeat_cadence_of_each_stream() -> None:
