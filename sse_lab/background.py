@@ -163,9 +163,9 @@ class _ServerThread:
 def _run_on_uvicorns_loop(main: Coroutine[Any, Any, None], config: uvicorn.Config) -> None:
     """Run `main` on a new loop of the kind `uvicorn.run` picks (uvloop when installed), as `asyncio.run` would.
 
-    `asyncio.run` alone always makes a plain asyncio loop: a server 5 times slower
-    under load than the same app under `uvicorn.run`. Only this thread's loop
-    changes; the notebook's own loop and event-loop policy are left alone.
+    `asyncio.run` alone always makes a plain asyncio loop, and the same app then
+    falls behind under load several times sooner than under `uvicorn.run`. Only
+    this thread's loop changes; the notebook's own loop and policy are left alone.
     """
     loop_factory = config.get_loop_factory()
     if sys.version_info >= (3, 11):
