@@ -11,29 +11,50 @@
 
 Open streams are ended by the `_Closing` wrapper (the client sees the response end,
 not a reset) so that uvicorn's graceful shutdown has nothing left to wait for and
-no cancelled request gets logged as a traceback in the notebook.
+no cancelled request gets logged as a traceback in the notebook. A stream cut by
+the stop ends with a comment (`: server stopping`) and no event: see `_Closing`.
+
+Connections are guarded before the app sees them (`GuardedHttpToolsProtocol`): a
+request head has a size limit and a time limit, both from the app's `Settings`;
+every response carries `X-Content-Type-Options: nosniff` and no `server` banner;
+running out of file descriptors is logged as one line per window, not as a
+traceback per failed `accept()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
+import json
+import logging
 import socket
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .server import create_app
+from .server import EVENT_STREAM, Settings, create_app
+from .sse import encode_comment
+
+logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 1.0
 LISTEN_BACKLOG = 2048  # uvicorn's default: a burst of connections must not wait for SYN retries (1 s each)
+SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff")]  # on every response, the server's own refusals too
+STOPPING_COMMENT = encode_comment("server stopping")
+EXHAUSTION_LOG_WINDOW_S = 10.0
+LINGER_S = 1.0
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class ServerStartError(RuntimeError):
@@ -43,12 +64,24 @@ class ServerStartError(RuntimeError):
 class _Closing:
     """ASGI middleware that ends every open HTTP response when `close()` is called.
 
+    A response not started yet gets a JSON 503. A started one ends with a clean end of
+    its body, so the client sees the server stop, not a broken connection. An event
+    stream gets a last comment, `: server stopping`, and deliberately no event: an
+    `error` event would tell the client that the answer is broken, and the kit's
+    client (like most code written against `EventSource`) stops on one. The answer is
+    not broken; the server is going away. A clean end without `done` makes a browser's
+    `EventSource`, and `stream_chat`, reconnect after the `retry` delay with
+    `Last-Event-ID`, which another instance behind the same address resumes exactly.
+    The comment is invisible to `EventSource` and tells a human reading the wire
+    (curl, a capture) that the cut was a stop, not a network fault. An event stream is
+    a response that `EventStreamResponse` sent: it marks its scope (`EVENT_STREAM`), so
+    no message needs to be looked into.
+
     Each request runs in uvicorn's own task, with nothing added per request or per
     message but a set entry: `close()` cancels the tasks of the open requests, and
-    each ends its response where it stands (a 503 before the headers, the end of
-    the body after them). Where a response stands is read off uvicorn's
-    request cycle (the object whose bound method `send` is); under another server,
-    a wrapper around `send` keeps track instead.
+    each ends its response where it stands. Where a response stands is read off
+    uvicorn's request cycle (the object whose bound method `send` is); under another
+    server, a wrapper around `send` keeps track instead.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -84,11 +117,13 @@ class _Closing:
                 self.responding.discard(task)
         started, complete = progress()
         if not started:
-            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+            body = {"error": "server_stopping", "reason": "the server is stopping; try again shortly"}
             await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": b"server is stopping"})
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
         elif not complete:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            last = STOPPING_COMMENT if scope.get(EVENT_STREAM, False) else b""
+            await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 def _progress(send: Send) -> tuple[Callable[[], tuple[bool, bool]], Send]:
@@ -108,13 +143,201 @@ def _progress(send: Send) -> tuple[Callable[[], tuple[bool, bool]], Send]:
     return lambda: (status["started"], status["complete"]), tracking_send
 
 
+def _raw_json_response(status: int, body: dict[str, str], default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for refusals made before the app is called."""
+    payload = json.dumps(body).encode()
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
+    lines += [name + b": " + value for name, value in default_headers]
+    lines += [b"content-type: application/json", b"content-length: %d" % len(payload), b"connection: close"]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + payload
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a size limit and a time limit on every request head.
+
+    - A head (request line and headers) longer than `max_head_bytes` is answered 431 and
+      its connection closed: a connection makes the server hold at most that much of a
+      head, plus one socket read (asyncio reads up to 256 KiB at a time).
+    - A head still incomplete `header_timeout_s` after its connection opened (or after the
+      first byte of a keep-alive connection's next request) is answered 408 and closed; a
+      connection that sent nothing by then is closed without a word (a browser's preconnect).
+    - The query string is kept away from `httptools.parse_url`, which refuses URLs longer
+      than 65,535 bytes (its offsets are 16-bit): the head limit is the only limit on a
+      request line, so the app's own limits (`max_prompt_chars`) are reached first.
+    - Malformed requests get a JSON 400 instead of uvicorn's plain text.
+    - A connection answered before its request's body has all arrived is closed after the
+      answer, so a body trickled forever cannot hold it open.
+
+    All of it runs while a head arrives, once per request: a response's events never pass here.
+    """
+
+    def __init__(self, *args: Any, max_head_bytes: int, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_head_bytes = max_head_bytes
+        self.header_timeout_s = header_timeout_s
+        self.head_open = True  # a head may be arriving: the limits apply to what comes in
+        self.head_bytes = 0  # of the head arriving now
+        self.heads_completed = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.discarding = False  # refused: what still arrives is dropped until the connection closes
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        if not self.head_open:
+            super().data_received(data)
+            return
+        if self.head_timer is None and not self._responding():
+            self._arm_head_timer()
+        room = self.max_head_bytes - self.head_bytes
+        self.head_bytes += len(data)
+        if len(data) <= room:
+            super().data_received(data)
+            return
+        completed = self.heads_completed
+        super().data_received(data[:room])
+        if self.transport.is_closing():
+            return
+        if self.heads_completed == completed:
+            reason = (
+                f"the request line and headers exceed {self.max_head_bytes} bytes; send long prompts in a POST body"
+            )
+            self._refuse(431, "request_head_too_large", reason)
+            return
+        self.data_received(data[room:])  # the rest: a body, or the next request's head
+
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        self.head_open = False
+        self.heads_completed += 1
+        self.url, _, query = self.url.partition(b"#")[0].partition(b"?")
+        super().on_headers_complete()
+        self.scope["query_string"] = query  # read by the app's task, which has not run yet
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_open = True
+        self.head_bytes = 0
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(400, "invalid_http_request", "the request line or headers are not valid HTTP/1.1")
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm_head_timer(self) -> None:
+        self.head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing() or self._responding():
+            return
+        if self.head_bytes == 0:
+            self.transport.close()
+            return
+        self._refuse(408, "request_timeout", f"the request head did not arrive within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, error: str, reason: str) -> None:
+        self._cancel_head_timer()
+        if self.discarding:
+            return
+        if self._responding():  # a pipelined head behind a response still being sent: no room for an answer
+            self.transport.close()
+            return
+        if status != 400:  # uvicorn has logged a 400 already
+            self.logger.info("refused a request head with %d: %s", status, reason)
+        self.transport.write(
+            _raw_json_response(status, {"error": error, "reason": reason}, self.server_state.default_headers)
+        )
+        self._close_after_answer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.head_open and not self.transport.is_closing():
+            # Answered while the request's body is still coming (a 405, a 422): reading the
+            # rest only to find the next request would let a client hold the connection
+            # open by trickling a body that never ends.
+            self._close_after_answer()
+
+    def _close_after_answer(self) -> None:
+        # Closing with unread bytes would make the kernel reset the connection, and the
+        # client could lose the answer: send it, then read and drop what still comes, for
+        # at most LINGER_S seconds (nginx's "lingering close").
+        self._cancel_head_timer()
+        self._unset_keepalive_if_required()
+        self.discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _AcceptFailures:
+    """The loop's exception handler: `accept()` failing for lack of descriptors is logged as one line per window.
+
+    asyncio reports each failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) with a
+    traceback and retries a second later; under a descriptor shortage that fills the log
+    while open connections are still served. Here the first failure of a window says
+    what happened and how many connections hold descriptors; the next ones in the
+    following `window_s` seconds are counted and reported with the next line. Anything
+    else goes to asyncio's default handler.
+    """
+
+    def __init__(self, connections: set[Any], window_s: float = EXHAUSTION_LOG_WINDOW_S) -> None:
+        self.connections = connections
+        self.window_s = window_s
+        self.window_ends = float("-inf")
+        self.unreported = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        failure = context.get("exception")
+        if not (isinstance(failure, OSError) and failure.errno in _EXHAUSTED_ERRNOS and "accept" in context["message"]):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if now < self.window_ends:
+            self.unreported += 1
+            return
+        earlier = f"; {self.unreported} more since the last report" if self.unreported else ""
+        logger.warning(
+            "cannot accept connections: %s, with %d open; asyncio retries every second, next report in %g s%s",
+            failure.strerror,
+            len(self.connections),
+            self.window_s,
+            earlier,
+        )
+        self.window_ends = now + self.window_s
+        self.unreported = 0
+
+
 class _ServerThread:
     """The uvicorn server, its thread and loop: everything `stop()` needs, and no handle."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket, settings: Settings) -> None:
         self.closing_app = _Closing(app)
+        protocol = functools.partial(
+            GuardedHttpToolsProtocol,
+            max_head_bytes=settings.max_request_head_bytes,
+            header_timeout_s=settings.header_timeout_s,
+        )
         config = uvicorn.Config(
             self.closing_app,
+            http=protocol,  # type: ignore[arg-type]  # uvicorn calls it like a protocol class
+            ws="none",  # no WebSocket routes: no upgrade path to guard
+            server_header=False,
+            headers=SECURITY_HEADERS,
             log_config=None,  # leave the kernel's logging alone
             log_level="warning",
             access_log=False,
@@ -136,6 +359,7 @@ class _ServerThread:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(_AcceptFailures(self.server.server_state.connections))
         await self.server.serve(sockets=[self.sock])
 
     def start(self, timeout_s: float) -> None:
@@ -236,6 +460,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _settings_of(app: ASGIApp) -> Settings:
+    """The `Settings` of the app `create_app` made, also under wrappers that keep it as `.app`; else the defaults."""
+    for _ in range(16):
+        settings = getattr(getattr(app, "state", None), "settings", None)
+        if isinstance(settings, Settings):
+            return settings
+        if not hasattr(app, "app"):
+            break
+        app = app.app
+    return Settings()
+
+
 def serve_in_background(
     app: ASGIApp | None = None,
     *,
@@ -250,6 +486,9 @@ def serve_in_background(
     cell `server = serve_in_background()` replaces the old server. Asking again
     for a port that an earlier in-kernel server holds stops that server first.
     Raises ServerStartError when the port is taken or the app fails its startup.
+    Connection limits (request head size and time, `Settings.max_request_head_bytes`
+    and `header_timeout_s`) come from the app's `Settings` (found through wrappers that
+    keep the app as `.app`), or the defaults for any other app.
 
     >>> with serve_in_background() as server:
     ...     server.url.startswith("http://127.0.0.1:")
@@ -259,7 +498,8 @@ def serve_in_background(
         _stop_and_forget(earlier, (host, port))
     sock = _bind(host, port)
     port = sock.getsockname()[1]
-    running = _ServerThread(create_app() if app is None else app, sock)
+    app = create_app() if app is None else app
+    running = _ServerThread(app, sock, _settings_of(app))
     running.start(startup_timeout_s)
     _by_address[(host, port)] = running
     return BackgroundServer(running, host, port)

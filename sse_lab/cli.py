@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 
@@ -20,11 +21,10 @@ def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-def serve(host: str, port: int, max_streams: int = Settings.max_concurrent_streams) -> None:
-    """Serve the chat app in the foreground until Ctrl-C (or SIGTERM); `max_streams` open at once, then 429."""
+def serve(host: str, port: int, settings: Settings | None = None) -> None:
+    """Serve the chat app in the foreground until Ctrl-C (or SIGTERM)."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    app = create_app(Settings(max_concurrent_streams=max_streams))
-    with serve_in_background(app, host=host, port=port) as server:
+    with serve_in_background(create_app(settings), host=host, port=port) as server:
         print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
         print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
@@ -51,6 +51,31 @@ def demo(runs: int, tokens: int, ttft_ms: float, token_ms: float, output: Path) 
     print(f"figure written to {output}")
 
 
+def _add_connection_limit_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--header-timeout-s",
+        type=_positive_seconds,
+        default=Settings.header_timeout_s,
+        help="close a connection whose request head has not arrived after this many seconds, with 408 "
+        "if part of it had (default: %(default)s)",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return seconds
+
+
+def _connection_limits(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The flags of `_add_connection_limit_flags`, applied to `settings`."""
+    return replace(settings, header_timeout_s=args.header_timeout_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sse_lab", description="Stream LLM tokens with SSE, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         default=Settings.max_concurrent_streams,
         help="streams open at once; more get HTTP 429 (default: %(default)s)",
     )
+
+    _add_connection_limit_flags(serve_parser)
 
     demo_parser = commands.add_parser("demo", help="compare buffered and streamed responses, print and plot")
     demo_parser.add_argument("--runs", type=int, default=5, help="requests of each kind (default: %(default)s)")
@@ -82,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench_command(args)
     try:
         if args.command == "serve":
-            serve(args.host, args.port, args.max_streams)
+            serve(args.host, args.port, _connection_limits(args, Settings(max_concurrent_streams=args.max_streams)))
         else:
             demo(args.runs, args.tokens, args.ttft_ms, args.token_ms, args.output)
     except ServerStartError as error:

@@ -13,6 +13,13 @@ Both have async twins. See `sse_lab.metrics` for what the numbers mean.
     >>> result.tokens, result.finish_reason, result.ttft > 0.1
     (5, 'length', True)
 
+`api` picks the dialect the stream speaks: "kit" (`GET /api/chat/stream`, the
+default), or a provider's, for measuring any server that speaks it:
+"openai-chat" (`POST {base_url}/chat/completions`, base_url ending in /v1, as
+vLLM, llama.cpp's server and Ollama serve it), "openai-responses"
+(`{base_url}/responses`) or "anthropic" (`{base_url}/v1/messages`). The
+provider dialects cannot resume: a drop ends the stream, with `error` saying so.
+
 The client never uses proxy settings from the environment: it measures the path
 to the server it was given, nothing else.
 """
@@ -28,8 +35,9 @@ from typing import Any
 
 import httpx
 
+from .dialects import DIALECTS, Reading, StreamRequest
 from .metrics import ChatResult, Chunk, Drop, Received
-from .sse import MEDIA_TYPE, Decoder
+from .sse import MEDIA_TYPE, Decoder, Event
 
 STREAM_PATH = "/api/chat/stream"
 BUFFERED_PATH = "/api/chat"
@@ -43,6 +51,8 @@ _RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 
 Param = str | int | float
 OnToken = Callable[[str], object]
+ReadEvent = Callable[[Event], Reading]
+APIS = ("kit", *DIALECTS)  # what `api=` takes
 
 
 class ChatRequestError(Exception):
@@ -65,10 +75,11 @@ class _Stream:
     lives here, with no I/O of its own.
     """
 
-    def __init__(self, on_token: OnToken | None, max_reconnects: int) -> None:
+    def __init__(self, on_token: OnToken | None, max_reconnects: int, read_event: ReadEvent | None = None) -> None:
         self.result = ChatResult(mode="streamed", started_at=time.perf_counter())
         self.on_token = on_token
         self.max_reconnects = max_reconnects
+        self.read_event = read_event  # a provider dialect's reader; None: the kit's events, resumable
         self.decoder = Decoder()
         self.pending_since: float | None = None  # first byte of an event not complete yet
         self.last_event_id = ""
@@ -84,6 +95,9 @@ class _Stream:
         headers = {"Accept": MEDIA_TYPE, "Cache-Control": "no-cache"}
         if not self.result.drops:
             return 0.0, headers
+        if self.read_event is not None:
+            self._give_up(f"{self.last_failure}; this API cannot resume a stream")
+            return None
         if self.reconnects >= self.max_reconnects:
             attempts = f"{self.reconnects} failed reconnection attempt{'' if self.reconnects == 1 else 's'}"
             self._give_up(f"gave up after {attempts}; the last: {self.last_failure}")
@@ -136,6 +150,9 @@ class _Stream:
             self._update_drop(resumed_at=received.complete_at)
             self.reconnects = 0
         event = received.event
+        if self.read_event is not None:
+            self._read(self.read_event(event), received.complete_at)
+            return
         data: Any = json.loads(event.data) if event.data else None
         if event.event == "token":
             self.result.arrivals.append(received.complete_at)
@@ -148,6 +165,18 @@ class _Stream:
         elif event.event == "error":
             self.result.error = data
             self.over = True
+
+    def _read(self, reading: Reading, at: float) -> None:
+        if reading.token is not None:
+            self.result.arrivals.append(at)
+            self.result.text += reading.token
+            if self.on_token is not None:
+                self.on_token(reading.token)
+        if reading.finish_reason is not None:
+            self.result.finish_reason = reading.finish_reason
+        if reading.error is not None:
+            self.result.error = reading.error
+        self.over = self.over or reading.over
 
     def ended(self, wire_bytes: int, failure: Exception | None = None) -> None:
         """A connection is over, cleanly or with `failure`. Before `done` or `error`, that is a drop."""
@@ -208,6 +237,38 @@ def _client_options(timeout_s: float) -> dict[str, Any]:
     return {"timeout": timeout_s, "trust_env": False}
 
 
+def stream_request(
+    api: str, base_url: str, prompt: str, params: dict[str, Param]
+) -> tuple[StreamRequest, ReadEvent | None]:
+    """What to send to open a stream in `api`'s dialect, and how to read its events (None: the kit's reader).
+
+    A load generator speaking several dialects builds its requests with this and
+    feeds each event to the reader it returns.
+
+    >>> request, read_event = stream_request("openai-chat", "http://127.0.0.1:8000/v1", "hi", {"max_tokens": 3})
+    >>> request.method, request.url, read_event(Event('{"choices":[{"delta":{"content":"Hi"}}]}')).token
+    ('POST', 'http://127.0.0.1:8000/v1/chat/completions', 'Hi')
+    """
+    if api == "kit":
+        return StreamRequest("GET", base_url + STREAM_PATH, params=_query(prompt, params)), None
+    if api not in DIALECTS:
+        raise ValueError(f"api must be one of {', '.join(APIS)}, got {api!r}")
+    dialect = DIALECTS[api]
+    return dialect.stream_request(base_url, prompt, params), dialect.read_event
+
+
+def _send(request: StreamRequest, headers: dict[str, str]) -> dict[str, Any]:
+    """httpx's `stream()` arguments for one connection."""
+    headers = headers if request.headers is None else {**headers, **request.headers}
+    return {
+        "method": request.method,
+        "url": request.url,
+        "params": request.params,
+        "json": request.json,
+        "headers": headers,
+    }
+
+
 def stream_chat(
     base_url: str,
     prompt: str,
@@ -216,6 +277,7 @@ def stream_chat(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_reconnects: int = DEFAULT_MAX_RECONNECTS,
     chunk_size: int | None = None,
+    api: str = "kit",
     **params: Param,
 ) -> ChatResult:
     """Stream a chat from `base_url` and record when each token arrived.
@@ -225,17 +287,19 @@ def stream_chat(
     connection lost before `done` is resumed as EventSource would: after the
     server's `retry` delay, with `Last-Event-ID`, up to `max_reconnects` tries in
     a row; then the result's `error` says so. `chunk_size` makes every read wait
-    for that many bytes (client-side buffering, for experiments).
+    for that many bytes (client-side buffering, for experiments). `api` is the
+    dialect to speak (see the module docstring); with a provider's, `params` are
+    body fields (`model` defaults to the kit's "sim").
     """
-    url, query = base_url + STREAM_PATH, _query(prompt, params)
+    request, read_event = stream_request(api, base_url, prompt, params)
     with httpx.Client(**_client_options(timeout_s)) as client:
-        stream = _Stream(on_token, max_reconnects)  # starts the clock
+        stream = _Stream(on_token, max_reconnects, read_event)  # starts the clock
         while (attempt := stream.next_attempt()) is not None:
             wait_s, headers = attempt
             time.sleep(wait_s)  # the reconnection delay, 0 the first time
             wire_bytes = 0
             try:
-                with client.stream("GET", url, params=query, headers=headers) as response:
+                with client.stream(**_send(request, headers)) as response:
                     if response.is_error:
                         response.read()
                     if stream.connected(response):
@@ -257,18 +321,19 @@ async def astream_chat(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_reconnects: int = DEFAULT_MAX_RECONNECTS,
     chunk_size: int | None = None,
+    api: str = "kit",
     **params: Param,
 ) -> ChatResult:
     """`stream_chat` for asyncio code: many can run at once on one event loop."""
-    url, query = base_url + STREAM_PATH, _query(prompt, params)
+    request, read_event = stream_request(api, base_url, prompt, params)
     async with httpx.AsyncClient(**_client_options(timeout_s)) as client:
-        stream = _Stream(on_token, max_reconnects)  # starts the clock
+        stream = _Stream(on_token, max_reconnects, read_event)  # starts the clock
         while (attempt := stream.next_attempt()) is not None:
             wait_s, headers = attempt
             await asyncio.sleep(wait_s)  # the reconnection delay, 0 the first time
             wire_bytes = 0
             try:
-                async with client.stream("GET", url, params=query, headers=headers) as response:
+                async with client.stream(**_send(request, headers)) as response:
                     if response.is_error:
                         await response.aread()
                     if stream.connected(response):

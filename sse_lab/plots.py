@@ -6,6 +6,7 @@ makes a new figure. Times are shown in milliseconds after the request was sent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from itertools import accumulate
@@ -13,11 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .metrics import ChatResult, RequestRecord, Spread, ttfts
 
 if TYPE_CHECKING:  # the stack imports no experiment at run time
+    from .experiments.dialects import WireCost
     from .experiments.memory import MemoryPoint
     from .experiments.payload import Smoothness
 
@@ -27,34 +32,58 @@ def _axes(ax: Axes | None) -> Axes:
 
 
 def ttft_spread(runs_by_variant: Mapping[str, Sequence[ChatResult]], ax: Axes | None = None) -> Axes:
-    """TTFT per variant: every run as a dot, the median as a bar, p10 to p90 as a line."""
+    """TTFT per variant, one row each, the first on top.
+
+    Every run is a dot; a row's dots are spread over its height, in the order the
+    runs were made, so that runs with the same TTFT do not hide one another (a
+    strip plot). The black tick is the median, the grey bar spans p10 to p90: the
+    10th and 90th percentiles, between which 80% of the runs fall.
+    """
     ax = _axes(ax)
-    for position, (variant, runs) in enumerate(runs_by_variant.items()):
+    slowest = 0.0
+    for row, runs in enumerate(runs_by_variant.values()):
         values = [1000 * ttft for ttft in ttfts(runs)]
         spread = Spread.of(values)
-        ax.scatter([position] * len(values), values, alpha=0.6, zorder=3, label=f"{variant} (n={spread.n})")
-        ax.hlines(spread.median, position - 0.25, position + 0.25, color="black", zorder=4)
-        ax.vlines(position, spread.p10, spread.p90, color="grey", lw=6, alpha=0.4)
-        ax.annotate(f"{spread.median:.0f} ms", (position + 0.28, spread.median), va="center")
-    ax.set_xticks(range(len(runs_by_variant)), list(runs_by_variant))
-    if sum(map(len, runs_by_variant)) > 60:  # long names would overlap: slant them
-        ax.tick_params(axis="x", labelrotation=20)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-    ax.set_xlim(-0.6, len(runs_by_variant) - 0.2)
-    ax.set_ylim(bottom=0)
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title("Time to first token: dots are runs, bars medians")
+        ax.barh(row, spread.p90 - spread.p10, left=spread.p10, height=_ROW_HEIGHT, color="grey", alpha=0.3)
+        ax.scatter(values, _strip(row, len(values)), color=f"C{row}", alpha=0.8, zorder=5)  # over the median
+        ax.vlines(spread.median, row - _ROW_HEIGHT / 2, row + _ROW_HEIGHT / 2, color="black", lw=2, zorder=4)
+        end = max(spread.high, spread.p90)
+        ax.annotate(f"{spread.median:.0f} ms", (end, row), xytext=(8, 0), textcoords="offset points", va="center")
+        slowest = max(slowest, end)
+    _variant_rows(ax, list(runs_by_variant))
+    ax.set_xlim(0, 1.2 * slowest or 1)
+    ax.set_xlabel("time to first token (ms)")
+    ax.set_title("Time to first token, run by run")
+    handles = [
+        Line2D([], [], ls="", marker="o", color="grey", label="one run"),
+        Line2D([], [], ls="", marker="|", markersize=12, mew=2, color="black", label="median"),
+        Patch(color="grey", alpha=0.3, label="p10 to p90"),
+    ]
+    ax.legend(handles=handles, loc="upper center", ncol=3, fontsize="small")
     return ax
+
+
+_ROW_HEIGHT = 0.6  # of the 1.0 between two variants' rows
+
+
+def _strip(row: int, count: int) -> list[float]:
+    """Where a row's `count` dots go: evenly over the middle of the row's height."""
+    if count == 1:
+        return [float(row)]
+    return [row - _ROW_HEIGHT / 3 + index * (2 * _ROW_HEIGHT / 3) / (count - 1) for index in range(count)]
+
+
+def _variant_rows(ax: Axes, variants: Sequence[str]) -> None:
+    """One row per variant, the first on top, with a free band above them for the legend."""
+    ax.set_yticks(range(len(variants)), variants)
+    ax.set_ylim(len(variants) - 0.5, -1.2)
 
 
 def arrival_timeline(result_by_variant: Mapping[str, ChatResult], ax: Axes | None = None) -> Axes:
     """Tokens received so far against time, one line per variant."""
     ax = _axes(ax)
     for variant, result in result_by_variant.items():
-        times = [0.0] + [1000 * offset for offset in result.offsets] + [1000 * (result.finished_at - result.started_at)]
-        counts = [*range(result.tokens + 1), result.tokens]
-        ax.step(times, counts, where="post", label=variant)
+        ax.step(*_arrival_steps(result), where="post", label=variant)
     ax.set_xlabel("time since the request was sent (ms)")
     ax.set_ylabel("tokens received")
     ax.set_title("Token arrival")
@@ -62,18 +91,95 @@ def arrival_timeline(result_by_variant: Mapping[str, ChatResult], ax: Axes | Non
     return ax
 
 
+def _arrival_steps(result: ChatResult) -> tuple[list[float], list[int]]:
+    """Times (ms after the request) and tokens received by then, from the request to the end of the body."""
+    times = [0.0] + [1000 * offset for offset in result.offsets] + [1000 * (result.finished_at - result.started_at)]
+    return times, [*range(result.tokens + 1), result.tokens]
+
+
+def arrival_rows(result_by_variant: Mapping[str, ChatResult], ax: Axes | None = None) -> Axes:
+    """Token arrival with one row per variant, the first on top: lines that coincide cannot hide each other.
+
+    Each row's line climbs from no token (the row's bottom) to all of them (its
+    top); a lump of tokens read at once is a vertical jump.
+    """
+    ax = _axes(ax)
+    for row, result in enumerate(result_by_variant.values()):
+        times, counts = _arrival_steps(result)
+        bottom = row + _ROW_HEIGHT / 2
+        heights = [bottom - _ROW_HEIGHT * count / max(result.tokens, 1) for count in counts]
+        ax.step(times, heights, where="post", color=f"C{row}")
+    _variant_rows(ax, list(result_by_variant))
+    ax.set_xlabel("time since the request was sent (ms)")
+    ax.set_title("Token arrival, one row per variant")
+    label = "tokens received: each row climbs from none to all"
+    ax.legend(handles=[Line2D([], [], color="black", label=label)], loc="upper center", fontsize="small")
+    return ax
+
+
 def ttft_and_arrivals(runs_by_variant: Mapping[str, Sequence[ChatResult]]) -> Figure:
-    """Two panels: (a) TTFT per variant with its spread, (b) the arrival timeline of each variant's first run."""
+    """Two panels: (a) TTFT per variant with its spread, (b) the arrival timeline of each variant's first run.
+
+    With two variants (b) draws both lines on one scale; with more, one row per
+    variant, the same rows as (a), since lines that coincide would hide each other.
+    """
     first_runs = {variant: runs[0] for variant, runs in runs_by_variant.items()}
-    return _two_panels(partial(ttft_spread, runs_by_variant), partial(arrival_timeline, first_runs))
+    if len(first_runs) <= 2:
+        return _two_panels(partial(ttft_spread, runs_by_variant), partial(arrival_timeline, first_runs))
+    height = 1.2 + 0.5 * len(first_runs)
+    return _two_panels(partial(ttft_spread, runs_by_variant), partial(arrival_rows, first_runs), height, sharey=True)
 
 
-def _two_panels(draw_left: Callable[..., Axes], draw_right: Callable[..., Axes]) -> Figure:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+def _two_panels(
+    draw_left: Callable[..., Axes], draw_right: Callable[..., Axes], height: float = 4, *, sharey: bool = False
+) -> Figure:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, height), layout="constrained", sharey=sharey)
     for letter, draw, ax in (("a", draw_left, left), ("b", draw_right, right)):
         draw(ax=ax)
         ax.set_title(f"({letter}) {ax.get_title()}")
     return figure
+
+
+def size_and_ttft(
+    runs_by_variant: Mapping[str, Sequence[ChatResult]],
+    ax: Axes | None = None,
+    *,
+    first_token_due_ms: float | None = None,
+    last_token_due_ms: float | None = None,
+) -> Axes:
+    """Bytes on the wire against TTFT, one dot per variant (the medians of its runs).
+
+    The trade-off of compression in one picture: down is sooner, left is smaller.
+    Variants that land on the same spot share it, their dots drawn one inside the
+    other. The dotted and dashed lines mark when the model's first and last tokens
+    were due, when given.
+    """
+    ax = _axes(ax)
+    points = {
+        variant: (Spread.of([run.wire_bytes for run in runs]).median, Spread.of([1000 * t for t in ttfts(runs)]).median)
+        for variant, runs in runs_by_variant.items()
+    }
+    largest = max(size for size, _ in points.values())
+    latest = max([ttft for _, ttft in points.values()] + [last_token_due_ms or 0])
+    drawn: list[tuple[float, float]] = []  # the spots of the dots drawn so far
+    for color, (variant, (size, ttft)) in enumerate(points.items()):
+        inside = sum(abs(x - size) < 0.04 * largest and abs(y - ttft) < 0.04 * latest for x, y in drawn)
+        drawn.append((size, ttft))
+        dot_size = 200 / (1 + 2 * inside)  # a dot on the spot of another goes inside it
+        ax.scatter([size], [ttft], s=dot_size, color=f"C{color}", edgecolors="white", zorder=3 + inside, label=variant)
+    for due, label, style in ((first_token_due_ms, "first", ":"), (last_token_due_ms, "last", "--")):
+        if due is not None:
+            ax.axhline(due, color="grey", ls=style, zorder=1, label=f"the model's {label} token due ({due:.0f} ms)")
+    ax.set_xlim(0, 1.1 * largest)
+    ax.set_ylim(0, 1.15 * latest)
+    ax.set_xlabel("bytes on the wire for the whole answer (after compression)")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title("Compression: bytes saved against tokens held")
+    legend = ax.legend(loc="center", fontsize="small")
+    for handle in legend.legend_handles:  # one size for every variant in the legend
+        if isinstance(handle, PathCollection):
+            handle.set_sizes([60])
+    return ax
 
 
 def drop_timeline(results: Mapping[str, ChatResult], ax: Axes | None = None) -> Axes:
@@ -145,21 +251,29 @@ def where_the_clock_is_read(results: Mapping[str, ChatResult]) -> Figure:
 
 
 def memory_growth(points: Sequence[MemoryPoint], ax: Axes | None = None) -> Axes:
-    """The server's peak memory per reply against its length, per mode, on log axes."""
+    """The server's peak memory per reply against its length, per mode, as measured.
+
+    The y axis is linear from 0 up to the measurement's resolution (one page:
+    a rise below it reads as 0, and is drawn at 0, in the grey band) and
+    logarithmic above it; the x axis is logarithmic.
+    """
     ax = _axes(ax)
+    resolution_kib = points[0].resolution_bytes / 1024
+    ax.axhspan(0, resolution_kib, color="grey", alpha=0.2, label=f"less than one page ({resolution_kib:g} KiB) reads 0")
     for mode in dict.fromkeys(point.mode for point in points):
         measured = [point for point in points if point.mode == mode]
-        # A reply that raised the peak by less than a page reads as 0: draw it at one KiB.
-        ax.loglog(
-            [point.tokens for point in measured],
-            [max(point.peak_bytes, 1024) / 1024 for point in measured],
-            marker="o",
-            label=mode,
-        )
+        tokens = [point.tokens for point in measured]
+        ax.plot(tokens, [point.peak_bytes / 1024 for point in measured], marker="o", label=mode)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=resolution_kib, linscale=0.5)
+    highest = max(resolution_kib, *(point.peak_bytes / 1024 for point in points))
+    decades = [10.0**power for power in range(1, 1 + math.ceil(math.log10(highest))) if 10**power > resolution_kib]
+    ax.set_yticks([0, resolution_kib, *decades], ["0", f"{resolution_kib:g}", *(f"{kib:,.0f}" for kib in decades)])
+    ax.set_ylim(0, 2 * highest)
     ax.set_xlabel("tokens in the reply")
     ax.set_ylabel("server peak memory for the reply (KiB)")
     ax.set_title("Tank vs faucet: what a reply costs the server in memory")
-    ax.legend()
+    ax.legend(loc="center right")
     return ax
 
 
@@ -174,6 +288,44 @@ def coalescing(measured: Sequence[Smoothness], ax: Axes | None = None) -> Axes:
     ax.set_title("Coalescing: the same tokens in fewer, bigger steps")
     ax.legend()
     return ax
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def wire_bytes_per_token(costs: Mapping[str, WireCost], ax: Axes | None = None) -> Axes:
+    """Bytes on the wire per token for each dialect, the tokens' own text shown as the bar's darker base."""
+    ax = _axes(ax)
+    names = list(costs)
+    ax.bar(names, [cost.bytes_per_token for cost in costs.values()], color="tab:blue", alpha=0.5, label="framing")
+    ax.bar(names, [cost.token_text_bytes for cost in costs.values()], color="tab:blue", label="token text")
+    for position, cost in enumerate(costs.values()):
+        ax.annotate(f"{cost.bytes_per_token:.0f} B", (position, cost.bytes_per_token), ha="center", va="bottom")
+    ax.set_ylabel("body bytes on the wire per token (B)")
+    ax.set_title("What one more token costs on the wire")
+    ax.margins(y=0.15)
+    ax.legend(loc="upper left")
+    return ax
+
+
+def cpu_per_token(cpu_s: Mapping[str, Sequence[float]], ax: Axes | None = None) -> Axes:
+    """Server CPU per token for each dialect: every run a dot, the median a bar."""
+    ax = _axes(ax)
+    for position, (name, values) in enumerate(cpu_s.items()):
+        micros = [1e6 * value for value in values]
+        ax.scatter([position] * len(micros), micros, alpha=0.6, zorder=3, label=f"{name} (n={len(micros)})")
+        ax.hlines(Spread.of(micros).median, position - 0.25, position + 0.25, color="black", zorder=4)
+    ax.set_xticks(range(len(cpu_s)), list(cpu_s))
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("server CPU per token (µs)")
+    ax.set_title("What one more token costs the server")
+    ax.legend(loc="lower right")
+    return ax
+
+
+def dialect_costs(costs: Mapping[str, WireCost], cpu_s: Mapping[str, Sequence[float]]) -> Figure:
+    """Two panels: (a) bytes on the wire per token, (b) server CPU per token, per dialect."""
+    return _two_panels(partial(wire_bytes_per_token, costs), partial(cpu_per_token, cpu_s))
 
 
 # ── Under load (notebook 08): plots of load runs and of the capacity benchmark ────────────────────────────────────

@@ -2,7 +2,7 @@
 
     GET /api/chat/stream?prompt=...   text/event-stream: `token` events, then `done`
     GET /api/chat?prompt=...          application/json, sent once generation ends
-    GET /api/stats                    counters of the streams served so far
+    GET /api/stats                    counters of the streams and answers served so far
 
 Both chat endpoints take the same query parameters (see `PARAMETERS`); the
 stream takes a few more (`STREAM_PARAMETERS`). Anything malformed is refused
@@ -40,8 +40,8 @@ from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Match, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
@@ -72,6 +72,8 @@ class Settings:
     max_stream_s: a stream still running after this many seconds ends with an error event.
     cancel_on_disconnect: stop the model when the client leaves. False shows the
         waste of a server that does not: the model runs on and its tokens are dropped.
+    header_timeout_s: a connection whose request head has not fully arrived this many
+        seconds after it opened is answered 408 and closed (`serve_in_background`).
     """
 
     max_prompt_chars: int = 8_000
@@ -84,6 +86,19 @@ class Settings:
     max_stream_s: float = 300.0
     cancel_on_disconnect: bool = True
     defaults: GenerationRequest = field(default_factory=partial(GenerationRequest, prompt=""))
+    header_timeout_s: float = 5.0
+
+    @property
+    def max_request_head_bytes(self) -> int:
+        """The largest request head (request line and headers) the server reads: the longest valid request fits.
+
+        A character of the prompt or the blocklist takes at most 12 bytes of the request
+        line (4 bytes of UTF-8, each percent-encoded in 3); the path, the other parameters
+        and the method take less than REQUEST_LINE_ROOM_BYTES, and the headers get
+        HEADERS_ROOM_BYTES. So a prompt one character over `max_prompt_chars` still
+        reaches the app and gets its 422, whatever its characters.
+        """
+        return 12 * (self.max_prompt_chars + MAX_BLOCKLIST_CHARS) + REQUEST_LINE_ROOM_BYTES + HEADERS_ROOM_BYTES
 
 
 class InvalidParameter(Exception):
@@ -103,6 +118,22 @@ class InjectedFault(RuntimeError):
     """The failure `fail_after=N` makes a model raise, to rehearse a crash mid-stream."""
 
 
+# Limits on the request that `Settings.max_request_head_bytes` is computed from.
+MAX_BLOCKLIST_CHARS = 1_000
+REQUEST_LINE_ROOM_BYTES = 4_096
+HEADERS_ROOM_BYTES = 32_768  # a browser's headers, cookies of other apps on localhost included
+
+# Number parameters are plain ASCII decimals, like a token id: Python's int() and float()
+# also take other scripts' digits, "1_0", signs, spaces, exponents and leading zeros.
+_ASCII_INTEGER = re.compile(r"0|[1-9][0-9]*")
+_ASCII_DECIMAL = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]{1,20})?")
+_SHOWN_CHARS = 40  # of a refused value, quoted in the reason
+
+
+def _plain(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
 @dataclass(frozen=True)
 class _Number:
     kind: type[int] | type[float]
@@ -110,11 +141,21 @@ class _Number:
     high: float
 
     def parse(self, name: str, raw: str) -> int | float:
-        noun = "an integer" if self.kind is int else "a number"
-        reason = f"must be {noun} from {self.low:g} to {self.high:g}, got {raw!r}"
+        shown = repr(raw if len(raw) <= _SHOWN_CHARS else raw[:_SHOWN_CHARS] + "...")
+        if self.kind is int:
+            form = _ASCII_INTEGER
+            written = "in ASCII digits (no sign, spaces or leading zeros)"
+            noun = "an integer"
+        else:
+            form = _ASCII_DECIMAL
+            written = "in ASCII digits, with an optional fraction like 2.5 (no sign, exponent, spaces or leading zeros)"
+            noun = "a number"
+        reason = f"must be {noun} from {_plain(self.low)} to {_plain(self.high)} {written}, got {shown}"
+        if not form.fullmatch(raw):
+            raise InvalidParameter(name, reason)
         try:
             value = self.kind(raw)
-        except ValueError:
+        except ValueError:  # an integer of more than 4,300 digits
             raise InvalidParameter(name, reason) from None
         if not (math.isfinite(value) and self.low <= value <= self.high):
             raise InvalidParameter(name, reason)
@@ -180,6 +221,16 @@ class StreamStats:
         else:
             self.streams_cancelled += 1
 
+    def open_stream(self, max_concurrent_streams: int) -> None:
+        """Take a stream slot, or count a rejection and raise TooManyStreams when every slot is taken.
+
+        Call it before any await, so that no two requests get the last slot.
+        """
+        if self.streams_active >= max_concurrent_streams:
+            self.streams_rejected += 1
+            raise TooManyStreams
+        self.streams_active += 1
+
 
 def _check_names(query: QueryParams, allowed: tuple[str, ...]) -> None:
     for name in query:
@@ -195,8 +246,14 @@ def parse_request(
     request: Request, settings: Settings, models: Mapping[str, TokenSource]
 ) -> tuple[TokenSource, GenerationRequest]:
     """Validate the query string into a token source and a generation request."""
-    query = request.query_params
-    _check_names(query, PARAMETERS + STREAM_PARAMETERS if request.url.path.endswith("/stream") else PARAMETERS)
+    return parse_query(request.query_params, settings, models, stream=request.url.path.endswith("/stream"))
+
+
+def parse_query(
+    query: QueryParams, settings: Settings, models: Mapping[str, TokenSource], *, stream: bool
+) -> tuple[TokenSource, GenerationRequest]:
+    """`parse_request` for parameters from anywhere (`sse_lab.dialects` reads them from JSON bodies)."""
+    _check_names(query, PARAMETERS + STREAM_PARAMETERS if stream else PARAMETERS)
     if "prompt" not in query:
         raise InvalidParameter("prompt", "required")
     prompt = query["prompt"]
@@ -241,7 +298,11 @@ def parse_resume(request: Request, generation: GenerationRequest) -> GenerationR
 
 def parse_stream_options(request: Request, generation: GenerationRequest, settings: Settings) -> StreamOptions:
     """Validate the stream-only parameters; a prompt too long for the context window is refused."""
-    query = request.query_params
+    return parse_stream_query(request.query_params, generation, settings)
+
+
+def parse_stream_query(query: QueryParams, generation: GenerationRequest, settings: Settings) -> StreamOptions:
+    """`parse_stream_options` for parameters from anywhere."""
     heartbeat_s = settings.heartbeat_s
     if "heartbeat_s" in query:
         heartbeat_s = _Number(float, 0.01, 3_600).parse("heartbeat_s", query["heartbeat_s"])
@@ -254,6 +315,8 @@ def parse_stream_options(request: Request, generation: GenerationRequest, settin
         raise InvalidParameter("prompt", reason)
     blocklist = settings.blocklist
     if "blocklist" in query:
+        if len(query["blocklist"]) > MAX_BLOCKLIST_CHARS:
+            raise InvalidParameter("blocklist", f"more than the limit of {MAX_BLOCKLIST_CHARS} characters")
         words = [word.strip() for word in query["blocklist"].split(",")]
         if not all(words):
             raise InvalidParameter("blocklist", "must be comma-separated words, none of them empty")
@@ -318,7 +381,8 @@ class ChatStream:
     token (id = its index), then `done` or an `error` event. Heartbeats and the
     time limit are the response's business (`EventStreamResponse`). `client_gone`
     is set when the client leaves; tokens the model produces after that count as
-    wasted.
+    wasted. The bytes come from `opening`, `token_event`, `done_event` and
+    `error_event`: `sse_lab.dialects` overrides them to speak other APIs.
     """
 
     def __init__(
@@ -338,24 +402,22 @@ class ChatStream:
         self.outcome = "cancelled"  # until it ends on its own
 
     async def events(self) -> AsyncGenerator[bytes, None]:
-        if self.settings.retry_ms is not None:
-            # A field line with no blank line after it: it opens the first event's
-            # block, so no parser can mistake it for an event of its own.
-            yield f"retry: {self.settings.retry_ms}\n".encode()
+        if opening := self.opening():
+            yield opening
         generation, options = self.generation, self.options
         tokens: AsyncIterator[str] = aiter(self.source(generation))
         if options.fail_after is not None:
             tokens = _fail_at(tokens, generation.resume_from, options.fail_after)
         in_prompt = options.prompt_tokens
         index = generation.resume_from
-        stats, blocklist = self.stats, options.blocklist
+        stats, blocklist, make_token_event = self.stats, options.blocklist, self.token_event
         try:
             while index < generation.max_tokens:
                 if in_prompt + index >= options.context_window:
                     message = (
                         f"{in_prompt} prompt tokens + {index} generated fill the window of {options.context_window}"
                     )
-                    yield self._failed(_error_event("context_length_exceeded", message))
+                    yield self._failed(self.error_event("context_length_exceeded", message))
                     return
                 try:
                     token = await anext(tokens)
@@ -363,28 +425,47 @@ class ChatStream:
                     break
                 except Exception as failure:  # one line in the log, no traceback in a notebook
                     logger.warning("model failed after %d tokens: %r", index, failure)
-                    yield self._failed(_error_event("model_error", f"the model failed after {index} tokens"))
+                    yield self._failed(self.error_event("model_error", f"the model failed after {index} tokens"))
                     return
                 stats.tokens_generated += 1
                 if self.client_gone:
                     stats.tokens_wasted += 1
                 if blocklist and any(word.casefold() in token.casefold() for word in blocklist):
                     yield self._failed(
-                        _error_event("content_filter", f"token {index} was withheld by the content filter")
+                        self.error_event("content_filter", f"token {index} was withheld by the content filter")
                     )
                     return
-                yield token_event(token, index)
+                yield make_token_event(token, index)
                 index += 1
-            done = {"finish_reason": _finish_reason(index, generation), "tokens": index}
             self.outcome = "completed"
-            yield encode_event(_json(done), event="done")
+            yield self.done_event(_finish_reason(index, generation), index)
         finally:
             await _close(tokens)
+
+    def opening(self) -> bytes:
+        """The bytes before the first token: the `retry` line."""
+        if self.settings.retry_ms is None:
+            return b""
+        # A field line with no blank line after it: it opens the first event's
+        # block, so no parser can mistake it for an event of its own.
+        return f"retry: {self.settings.retry_ms}\n".encode()
+
+    def token_event(self, token: str, index: int) -> bytes:
+        """Token number `index`: a `token` event whose id is the index (the module's fast `token_event`)."""
+        return token_event(token, index)
+
+    def done_event(self, finish_reason: str, tokens: int) -> bytes:
+        """The end of a stream that ran its course: `length` (max_tokens reached) or `stop`."""
+        return encode_event(_json({"finish_reason": finish_reason, "tokens": tokens}), event="done")
+
+    def error_event(self, code: str, message: str) -> bytes:
+        """The end of a stream that broke: an `error` event with one of the codes of the module docstring."""
+        return _error_event(code, message)
 
     def timed_out(self) -> bytes:
         """The stream ran over the server's time limit: the error event that ends it."""
         message = f"the stream ran longer than the limit of {self.settings.max_stream_s:g} s"
-        return self._failed(_error_event("timeout", message))
+        return self._failed(self.error_event("timeout", message))
 
     def _failed(self, event: bytes) -> bytes:
         self.outcome = "failed"
@@ -426,6 +507,8 @@ class EventStreamResponse(StreamingResponse):
       dead stream's model running; with `cancel=False` they run to their end and
       their bytes are dropped. Either way `on_disconnect()` is called.
     - `on_close()` is called once the response is over, however it ended.
+    - The request's scope gets `EVENT_STREAM` set: a server that stops ends the
+      stream with a comment (`sse_lab.background._Closing`), not just the body.
 
     What it costs per stream, since a server holds thousands: the events run in
     the request's own task; one task waits for the disconnect; the time limit is
@@ -462,6 +545,7 @@ class EventStreamResponse(StreamingResponse):
         stream = _LiveStream(loop, scope.get(DIRECT_SEND, send), self)
         heartbeats = None if self.heartbeat_s is None else _heartbeats(loop)
         watching = deadline = None
+        scope[EVENT_STREAM] = True
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             watching = loop.create_task(stream.watch(receive))
@@ -630,6 +714,7 @@ def _heartbeats(loop: asyncio.AbstractEventLoop) -> _Heartbeats:
 
 
 DIRECT_SEND = "sse_lab.direct_send"
+EVENT_STREAM = "sse_lab.event_stream"  # set in the scope of a request answered by an `EventStreamResponse`
 
 
 class _DirectSend:
@@ -667,48 +752,129 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
     )
 
 
+@dataclass
+class ChatStats:
+    """Counters of the buffered endpoint, `GET /api/chat`, reported by `GET /api/stats` next to `StreamStats`.
+
+    chats_active: generating right now. chats_completed: answered 200.
+    chats_failed: answered 502 (the model raised) or 504 (over `max_stream_s`).
+    chats_cancelled: the client left first. chats_rejected: refused with 429,
+    `max_concurrent_streams` answers already being generated.
+    """
+
+    chats_active: int = 0
+    chats_completed: int = 0
+    chats_failed: int = 0
+    chats_cancelled: int = 0
+    chats_rejected: int = 0
+
+
+def _head_response(media_type: str, headers: Mapping[str, str] | None = None) -> Response:
+    """What a GET would start with, without running the model: no slot taken, no body, no length."""
+    response = Response(media_type=media_type, headers=headers)
+    del response.headers["content-length"]
+    return response
+
+
+async def _buffered_answer(
+    receive: Receive, source: TokenSource, generation: GenerationRequest, settings: Settings, stats: ChatStats
+) -> Response:
+    """Generate the whole answer, within `max_stream_s` and while the client stays, and answer in one piece."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.max_stream_s
+    tokens: list[str] = []
+
+    async def complete() -> bool:
+        async def collect() -> None:
+            async for token in source(generation):
+                tokens.append(token)
+
+        try:
+            await asyncio.wait_for(collect(), settings.max_stream_s)
+        except asyncio.TimeoutError:  # the model's own TimeoutError is a model failure
+            if loop.time() < deadline:
+                raise
+            return False
+        return True
+
+    try:
+        finished = await cancel_on_disconnect(receive, complete)
+    except Exception as failure:
+        stats.chats_failed += 1
+        logger.warning("model failed: %r", failure)
+        error = {"error": "model_error", "reason": "the model failed before finishing"}
+        return JSONResponse(error, status_code=502)
+    if finished is None:  # nobody is left to answer
+        stats.chats_cancelled += 1
+        return Response(status_code=499)
+    if not finished:
+        stats.chats_failed += 1
+        reason = (
+            f"the answer took longer than the limit of {settings.max_stream_s:g} s; {len(tokens)} tokens were ready"
+        )
+        return JSONResponse({"error": "timeout", "reason": reason}, status_code=504)
+    stats.chats_completed += 1
+    return JSONResponse(
+        {"text": "".join(tokens), "tokens": len(tokens), "finish_reason": _finish_reason(len(tokens), generation)}
+    )
+
+
+async def _relative_slash_redirect(router: Router, scope: Scope, receive: Receive, send: Send) -> None:
+    """Starlette's redirect to the path with or without its trailing slash, with a relative `Location`.
+
+    Starlette's own builds an absolute URL from the request's Host header, so any
+    client could make the server send a redirect to a host of its choosing.
+    """
+    path = scope["path"]
+    if scope["type"] == "http" and path != "/":
+        other = path.rstrip("/") if path.endswith("/") else path + "/"
+        if not other.startswith("//") and any(
+            route.matches({**scope, "path": other})[0] is not Match.NONE for route in router.routes
+        ):
+            query = scope["query_string"].decode("latin-1")
+            await RedirectResponse(other + "?" + query if query else other)(scope, receive, send)
+            return
+    await router.not_found(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSource] | None = None) -> Starlette:
     """Build the chat app: `settings` sets limits and defaults, `models` the token sources."""
+    from . import dialects  # the provider APIs (/v1/...) build on this module
+
     settings = settings or Settings()
     models = dict(MODELS if models is None else models)
     stats = StreamStats()
+    chat_stats = ChatStats()
 
     async def chat_stream(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
         generation = parse_resume(request, generation)
         options = parse_stream_options(request, generation, settings)
-        if stats.streams_active >= settings.max_concurrent_streams:
-            stats.streams_rejected += 1
-            raise TooManyStreams
-        stats.streams_active += 1  # taken here, before any await, so no two requests get the last slot
+        if request.method == "HEAD":
+            return _head_response(MEDIA_TYPE, STREAM_HEADERS)
+        stats.open_stream(settings.max_concurrent_streams)
         chat = ChatStream(source, generation, options, settings, stats)
 
         return _stream_response(chat, lambda: stats.stream_ended("cancelled" if chat.client_gone else chat.outcome))
 
     async def chat(request: Request) -> Response:
         source, generation = parse_request(request, settings, models)
-
-        async def complete() -> list[str]:
-            return [token async for token in source(generation)]
-
+        if request.method == "HEAD":
+            return _head_response("application/json")
+        if chat_stats.chats_active >= settings.max_concurrent_streams:
+            chat_stats.chats_rejected += 1
+            reason = f"all {settings.max_concurrent_streams} answer slots are taken; try again shortly"
+            return JSONResponse(
+                {"error": "too_many_chats", "reason": reason}, status_code=429, headers={"Retry-After": "1"}
+            )
+        chat_stats.chats_active += 1  # taken before any await, like a stream slot
         try:
-            tokens = await cancel_on_disconnect(request.receive, complete)
-        except Exception as failure:
-            logger.warning("model failed: %r", failure)
-            error = {"error": "model_error", "reason": "the model failed before finishing"}
-            return JSONResponse(error, status_code=502)
-        if tokens is None:  # nobody is left to answer
-            return Response(status_code=499)
-        return JSONResponse(
-            {
-                "text": "".join(tokens),
-                "tokens": len(tokens),
-                "finish_reason": _finish_reason(len(tokens), generation),
-            }
-        )
+            return await _buffered_answer(request.receive, source, generation, settings, chat_stats)
+        finally:
+            chat_stats.chats_active -= 1
 
     async def stream_stats(request: Request) -> Response:
-        return JSONResponse(asdict(stats))
+        return JSONResponse(asdict(stats) | asdict(chat_stats))
 
     async def invalid_parameter(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, InvalidParameter)
@@ -725,12 +891,13 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
-    return Starlette(
+    app = Starlette(
         middleware=[Middleware(_DirectSend)],
         routes=[
             Route("/api/chat/stream", chat_stream),
             Route("/api/chat", chat),
             Route("/api/stats", stream_stats),
+            *dialects.routes(settings, models, stats),
         ],
         exception_handlers={
             InvalidParameter: invalid_parameter,
@@ -738,3 +905,7 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             HTTPException: http_error,
         },
     )
+    app.state.settings = settings  # serve_in_background reads the connection limits here
+    app.router.redirect_slashes = False
+    app.router.default = partial(_relative_slash_redirect, app.router)
+    return app

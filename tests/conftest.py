@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -40,3 +41,16 @@ def nginx_binary() -> str:
     if binary is None:
         pytest.skip(SKIP_MESSAGE)
     return binary
+
+
+# The fuzz suite (tests/test_fuzz.py) runs about 30 s; --fuzz-long or SSE_LAB_FUZZ_LONG=1 makes it run for minutes.
+FUZZ_LONG_ENV = "SSE_LAB_FUZZ_LONG"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-long", action="store_true", help=f"run the fuzz suite for minutes (or {FUZZ_LONG_ENV}=1)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fuzz-long"):
+        os.environ[FUZZ_LONG_ENV] = "1"  # read when tests/test_fuzz.py is imported, after this hook

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import product
+from typing import Any
+
+from starlette.types import ASGIApp
 
 from ..background import serve_in_background
 from ..client import Param, fetch_chat, stream_chat
@@ -241,6 +244,88 @@ def check_proxy_config(sse_proxy_config: Callable[[], ProxyConfig]) -> None:
         f"through {config.label}, the tokens arrived in lumps of {result.lumps}: something still holds them"
     )
     _passed(exercise, f"{config.label}: tokens arrived one by one, compressed.")
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def check_chat_completions_parser(parse: Callable[[bytes], str]) -> None:
+    """Exercise 07.1: `parse(body)` reads a raw Chat Completions stream as the official openai SDK does.
+
+    It must return the text, and raise (any exception) where the SDK raises
+    APIError: on a `data:` line whose JSON holds a top-level `error`.
+    """
+    import httpx
+    import openai
+
+    exercise = "Exercise 1 (read Chat Completions from raw bytes)"
+    if not _attempted(exercise, lambda: parse(b"data: [DONE]\n\n")):
+        return
+    fast = {"ttft_ms": 0, "token_ms": 0}
+    cases: dict[str, tuple[str, str, dict[str, Param | list[str]]]] = {
+        "a plain reply": ("sim", "hi", {"max_tokens": 12}),
+        "a hostile payload, echoed": ("echo", 'crlf\r\nnul\0 data: [DONE]\n\n{"error": 1} 🌊', {}),
+        "heartbeats during a slow prefill": ("sim", "hi", {"max_tokens": 3, "ttft_ms": 120, "heartbeat_s": 0.02}),
+        "a content filter": ("sim", "hi", {"blocklist": ["token"]}),
+        "a model failing mid-stream": ("sim", "hi", {"fail_after": 4}),
+    }
+    with (
+        serve_in_background() as server,
+        openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as sdk,
+    ):
+        for name, (model, prompt, knobs) in cases.items():
+            messages: Any = [{"role": "user", "content": prompt}]
+            knobs = {**fast, **knobs}
+            body = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+            raw = httpx.post(server.url + "/v1/chat/completions", json={**body, **knobs}, trust_env=False).content
+            sdk_error: str | None = None
+            pieces: list[str] = []
+            try:
+                for chunk in sdk.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=knobs,
+                ):
+                    pieces.extend(choice.delta.content or "" for choice in chunk.choices)
+            except openai.APIError as error:
+                sdk_error = error.message
+            if sdk_error is not None:
+                try:
+                    got = parse(raw)
+                except Exception:
+                    continue
+                raise AssertionError(
+                    f"{name}: the SDK raised APIError ({sdk_error!r}) on this stream, your parser returned {got!r}. "
+                    "A data line whose JSON has a top-level 'error' is a failure, not a chunk."
+                )
+            got = parse(raw)
+            assert got == "".join(pieces), (
+                f"{name}: the SDK read {''.join(pieces)!r}, your parser {got!r}. Each chunk's "
+                "choices[i].delta.content is a piece of text (absent or null in the role, finish and usage chunks)."
+            )
+    _passed(exercise, f"Your parser and the openai SDK agree on {len(cases)} streams, failure included.")
+
+
+# --- notebook 03, exercise 3: a size logger that holds nothing ---------------------------------------------------
+
+
+def check_size_logger(size_logger: Callable[[ASGIApp, Callable[[int], object]], ASGIApp]) -> None:
+    """Exercise 03.3: `size_logger(app, log)` serves `app`, streams it untouched and logs its body size at the end."""
+    exercise = "Exercise 3 (a size logger that holds nothing)"
+    if not _attempted(exercise, lambda: size_logger(create_app(), print)):
+        return
+    sizes: list[int] = []
+    with serve_in_background(size_logger(create_app(), sizes.append)) as server:
+        result = stream_chat(server.url, "log my size", max_tokens=20, ttft_ms=50, token_ms=20)
+    assert result.tokens == 20 and result.finish_reason == "length", f"the stream broke: {result.error}"
+    assert max(result.lumps) < result.tokens / 2, (
+        f"the tokens arrived in lumps of {result.lumps}: the logger holds them (does it read the whole body first?)"
+    )
+    received = sum(chunk.size for chunk in result.chunks)
+    assert sizes == [received], f"logged {sizes} for one response of {received} body bytes: log once, at the end"
+    _passed(exercise, f"logged {received} bytes, and every token went on as it came.")
 
 
 # ── Notebook 08: under load ──────────────────────────────────────────────────────────────────────────────────────

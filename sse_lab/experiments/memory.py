@@ -19,7 +19,9 @@ set (`echo 5 > /proc/PID/clear_refs`); once the client has read the last byte,
 
     peak_bytes = VmHWM after the reply - VmRSS before the request
 
-read from /proc/PID/status. This needs Linux. Two tempting alternatives are
+read from /proc/PID/status. This needs Linux. The kernel counts resident memory
+in pages, so `peak_bytes` moves in whole pages (`PAGE_BYTES`, 4 KiB on most
+systems): a reply that raised the resident set by less than one page reads as 0. Two tempting alternatives are
 wrong here: `resource.getrusage(...).ru_maxrss` is carried across fork and exec,
 so a child of a 400 MB notebook kernel reports 400 MB before it does anything;
 `tracemalloc` sees only Python allocations, and its bookkeeping slows every
@@ -30,6 +32,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import mmap
+import os
 import re
 import select
 import subprocess
@@ -52,6 +56,7 @@ MODES = {"buffered": BUFFERED_PATH, "streamed": STREAM_PATH}
 PROMPT = "How much memory does a long answer cost?"
 WARM_UP_TOKENS = 200
 STOP_TIMEOUT_S = 5.0
+PAGE_BYTES = mmap.PAGESIZE  # the resolution of peak_bytes
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
@@ -91,6 +96,15 @@ class ServerProcess:
     def peak_resident_bytes(self) -> int:
         """The high-water mark of its resident set (VmHWM) since it started or since `reset_peak()`."""
         return 1024 * _status_kib(self.pid, "VmHWM")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far, user and system, all threads (from /proc/PID/stat).
+
+        The kernel counts it in clock ticks (usually 10 ms): measure over long enough to make that negligible.
+        """
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user_ticks, system_ticks = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
+        return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
 
     def reset_peak(self) -> None:
         """Lower the high-water mark to the current resident set.
@@ -147,7 +161,8 @@ class MemoryPoint:
 
     `seconds` runs from sending the request to reading its last byte; `body_bytes`
     is the size of the response body; `resting_bytes` the server's resident set
-    just before the request (its fixed cost: Python, Starlette, uvicorn).
+    just before the request (its fixed cost: Python, Starlette, uvicorn);
+    `resolution_bytes` the page size, the least rise `peak_bytes` can show.
     """
 
     mode: str  # "buffered" or "streamed"
@@ -156,10 +171,14 @@ class MemoryPoint:
     seconds: float
     body_bytes: int
     resting_bytes: int
+    resolution_bytes: int = PAGE_BYTES
 
 
-def _read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
-    """Read a reply chunk by chunk, keeping only its size and tail; return (bytes, seconds)."""
+def read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
+    """Read a reply of `tokens` tokens (ttft_ms=0, token_ms=0) chunk by chunk, keeping only its size and tail.
+
+    Returns (bytes, seconds); raises ServerProcessError unless it was complete.
+    """
     params: dict[str, str | int] = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": 0}
     started = time.perf_counter()
     with client.stream("GET", url, params=params) as response:
@@ -190,10 +209,10 @@ def measure_reply(mode: str, tokens: int, *, timeout_s: float = 600.0) -> Memory
         httpx.Client(trust_env=False, timeout=timeout_s) as client,
     ):
         for path in MODES.values():
-            _read_reply(client, server.url + path, WARM_UP_TOKENS)
+            read_reply(client, server.url + path, WARM_UP_TOKENS)
         resting = server.resident_bytes()
         server.reset_peak()
-        body_bytes, seconds = _read_reply(client, server.url + MODES[mode], tokens)
+        body_bytes, seconds = read_reply(client, server.url + MODES[mode], tokens)
         peak = server.peak_resident_bytes() - resting
     return MemoryPoint(mode, tokens, peak, seconds, body_bytes, resting)
 

@@ -15,6 +15,14 @@ LF (`round_trip(["a\\r\\nb"], WireFormat("text"))` gives `["a\\nb"]`). JSON esca
 them. Coalescing saves framing, and the reader pays in smoothness: text that was
 produced every token_ms arrives in bursts of `per_event` tokens every
 `per_event` x token_ms.
+
+Serializers: the reference's fix for JSON overhead is a faster serializer.
+`serializer_cost` times `json.dumps` (what the server calls), `orjson.dumps` and
+msgspec's JSON encoder on each token event's payload, `{"token": ..., "index": ...}`;
+all three write the same bytes. `server_cpu_per_event` measures what one token
+event costs the whole server (model, filters, encoding, Starlette, uvicorn's
+HTTP framing, the write to the socket), so that `serialization_table` can say
+which share of it the serializer is, and so what switching could save at most.
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import AsyncGenerator, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, pairwise
+from pathlib import Path
 
 import httpx
+import msgspec
+import orjson
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,9 +45,11 @@ from starlette.routing import Route
 from tqdm.auto import tqdm
 
 from ..background import serve_in_background
+from ..client import STREAM_PATH as STREAM_PATH_CHAT
 from ..model import GenerationRequest, sim, sim_tokens
 from ..server import EventStreamResponse
 from ..sse import Decoder, Event, decode, encode_event
+from . import memory
 
 KINDS = ("json", "text")
 PROMPT = "What does each token cost on the wire?"
@@ -306,3 +319,103 @@ def coalescing_smoothness(
             measure_smoothness(server.url, k, tokens=tokens, token_ms=token_ms)
             for k in tqdm(per_event, desc="coalescing", disable=not progress)
         ]
+
+
+SERIALIZERS: Mapping[str, Callable[[object], bytes]] = {
+    "json": lambda payload: _json(payload).encode(),  # the standard library, as the server calls it
+    "orjson": orjson.dumps,
+    "msgspec": msgspec.json.Encoder().encode,  # one encoder reused, as msgspec recommends
+}
+"""Each serializer, by name: the payload of a token event to the bytes of its `data` line."""
+
+
+@dataclass(frozen=True)
+class SerializerCost:
+    """What one serializer costs per token event.
+
+    cpu_us_per_event: CPU time (time.process_time) to serialize every event's
+    payload, best of the repeats, divided by the events, in microseconds.
+    times_faster_than_json: json's cpu_us_per_event / this one's.
+    """
+
+    serializer: str
+    events: int
+    cpu_us_per_event: float
+    times_faster_than_json: float
+
+
+def _serialize_cpu_s(serialize: Callable[[object], bytes], payloads: Sequence[object], repeats: int) -> float:
+    """The least CPU time of `repeats` passes over every payload: the pass least disturbed by the machine."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        for payload in payloads:
+            serialize(payload)
+        best = min(best, time.process_time() - started)
+    return best
+
+
+def serializer_cost(tokens: Sequence[str] | None = None, *, repeats: int = 5) -> list[SerializerCost]:
+    """CPU per token event of each of `SERIALIZERS`, for `tokens` (default: 20,000 of `sim`'s).
+
+    Raises if two serializers write different bytes for the same payload.
+    """
+    if tokens is None:
+        tokens = sim_tokens(PROMPT, 20_000)
+    if not tokens:
+        raise ValueError("no tokens to measure")
+    payloads = [{"token": token, "index": index} for index, token in enumerate(tokens)]
+    for name, serialize in SERIALIZERS.items():
+        if (differs := next((p for p in payloads if serialize(p) != SERIALIZERS["json"](p)), None)) is not None:
+            raise RuntimeError(
+                f"{name} writes {serialize(differs)!r} where json writes {SERIALIZERS['json'](differs)!r}"
+            )
+    cpu_us = {
+        name: 1e6 * _serialize_cpu_s(serialize, payloads, repeats) / len(payloads)
+        for name, serialize in SERIALIZERS.items()
+    }
+    return [SerializerCost(name, len(payloads), us, cpu_us["json"] / us) for name, us in cpu_us.items()]
+
+
+@dataclass(frozen=True)
+class ServerCpu:
+    """The chat server's CPU time per token event: `cpu_s` over a streamed reply of `tokens` tokens, per token.
+
+    Measured in a server process of its own (`memory.server_process`), from its
+    /proc/PID/stat (user and system time, every thread), around one reply streamed
+    at ttft_ms=0 and token_ms=0 and read by this process: the server's work
+    alone, the client's not included.
+    """
+
+    tokens: int
+    cpu_s: float
+    us_per_event: float
+
+
+def server_cpu_per_event(tokens: int = 50_000) -> ServerCpu:
+    """Measure `ServerCpu` for one streamed reply of `tokens` tokens (about 1.5 s at the default).
+
+    At about 12 µs per event, 50,000 events are some 60 clock ticks of CPU: a tick's resolution is under 2%.
+
+    Raises memory.MemoryMeasurementUnavailable on a system without Linux's /proc.
+    """
+    if not Path("/proc/self/stat").exists():
+        raise memory.MemoryMeasurementUnavailable("measuring the server's CPU needs Linux's /proc/PID/stat")
+    with memory.server_process(tokens) as server, httpx.Client(trust_env=False, timeout=600) as client:
+        memory.read_reply(client, server.url + STREAM_PATH_CHAT, memory.WARM_UP_TOKENS)
+        before = server.cpu_seconds()
+        memory.read_reply(client, server.url + STREAM_PATH_CHAT, tokens)
+        cpu_s = server.cpu_seconds() - before
+    return ServerCpu(tokens, cpu_s, 1e6 * cpu_s / tokens)
+
+
+def serialization_table(costs: Sequence[SerializerCost], server: ServerCpu) -> str:
+    """Per serializer: µs per token event, times faster than json, and share of the server's CPU per event."""
+    lines = [f"{'serializer':>10} {'CPU µs/event':>13} {'x json':>7} {'share of the server':>20}"]
+    for cost in costs:
+        share = cost.cpu_us_per_event / server.us_per_event
+        lines.append(
+            f"{cost.serializer:>10} {cost.cpu_us_per_event:>13.2f} {cost.times_faster_than_json:>7.1f} {share:>20.1%}"
+        )
+    lines.append(f"{'server':>10} {server.us_per_event:>13.2f}  (the whole server, per token event)")
+    return "\n".join(lines)

@@ -16,7 +16,9 @@ whole or a byte at a time; notebook 02 shows the disagreements.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import httpx
 from httpx_sse import EventSource
 
 from ..sse import MEDIA_TYPE, Decoder, Event
+from .wire import describe
 
 VECTORS_PATH = Path(__file__).resolve().parent / "sse_vectors.json"
 
@@ -71,3 +74,92 @@ def parse_with_httpx_sse(chunks: Iterable[bytes], content_type: str = MEDIA_TYPE
         {"event": sse.event, "data": sse.data, "id": sse.id, "retry": sse.retry}
         for sse in EventSource(response).iter_sse()
     ]
+
+
+# --- the disagreements with httpx-sse, as a table for notebook 02 ----------------------------------------
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    """A vector that httpx-sse parses otherwise than the standard: both parsers' events, and why they part."""
+
+    name: str
+    stream: bytes
+    standard: list[dict[str, Any]]
+    httpx_sse: list[dict[str, Any]]
+    why: str
+
+    @classmethod
+    def of(
+        cls, vector: Mapping[str, Any], standard: list[dict[str, Any]], httpx_sse: list[dict[str, Any]]
+    ) -> Disagreement:
+        return cls(vector["name"], vector_bytes(vector), standard, httpx_sse, vector.get("httpx_sse_note", ""))
+
+    @property
+    def difference(self) -> str:
+        """What differs, in a few words: the number of events, else each differing field, standard first.
+
+        >>> Disagreement("", b"", [{"data": "x", "retry": None}], [{"data": "x", "retry": 100}], "").difference
+        'retry: None vs 100'
+        """
+        if len(self.standard) != len(self.httpx_sse):
+            return f"{_count(self.standard)} vs {_count(self.httpx_sse)}"
+        return "; ".join(
+            f"{field}: {ours[field]!r} vs {theirs[field]!r}"
+            for ours, theirs in zip(self.standard, self.httpx_sse, strict=True)
+            for field in ours
+            if ours[field] != theirs.get(field)
+        )
+
+    def detail(self) -> str:
+        """The whole story on five lines: the stream, what each parser makes of it, and why."""
+        return "\n".join(
+            [
+                self.name,
+                f"    stream:    {self.stream!r}",
+                f"    standard:  {_events(self.standard)}",
+                f"    httpx-sse: {_events(self.httpx_sse)}",
+                f"    why:       {self.why}",
+            ]
+        )
+
+
+def _count(events: Sequence[dict[str, Any]]) -> str:
+    return "no event" if not events else "1 event" if len(events) == 1 else f"{len(events)} events"
+
+
+def _events(events: Sequence[dict[str, Any]]) -> str:
+    return " | ".join(describe(Event(**event)) for event in events) or "(no event)"
+
+
+class DisagreementTable:
+    """Disagreements one line each: an HTML table in Jupyter (click a name for its detail), plain text elsewhere.
+
+    `table.show(name)` prints one disagreement in full.
+    """
+
+    def __init__(self, disagreements: Sequence[Disagreement]) -> None:
+        self.disagreements = list(disagreements)
+
+    def _repr_html_(self) -> str:
+        head = "<tr><th>#</th><th>vector (click for its stream, both parsers' events, and why)</th>"
+        head += "<th>standard vs httpx-sse</th></tr>"
+        rows = [
+            f"<tr><td>{number}</td><td style='text-align:left'><details><summary>{escape(item.name)}</summary>"
+            f"<pre style='white-space:pre-wrap'>{escape(item.detail())}</pre></details></td>"
+            f"<td style='text-align:left;white-space:nowrap'><code>{escape(item.difference)}</code></td></tr>"
+            for number, item in enumerate(self.disagreements, 1)
+        ]
+        return f"<table>{head}{''.join(rows)}</table>"
+
+    def __repr__(self) -> str:
+        return "\n".join(
+            f"{number:>2}. {item.name}: {item.difference}" for number, item in enumerate(self.disagreements, 1)
+        )
+
+    def show(self, name: str) -> None:
+        """Print the disagreement whose vector's name starts with `name`."""
+        matching = [item for item in self.disagreements if item.name.startswith(name)]
+        if not matching:
+            raise KeyError(f"no disagreement named {name!r}; names: {[item.name for item in self.disagreements]}")
+        print("\n\n".join(item.detail() for item in matching))

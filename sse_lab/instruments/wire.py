@@ -257,16 +257,18 @@ def _target(url: str, params: Mapping[str, object] | None) -> tuple[str, int, st
     return host, parts.port or 80, parts.netloc, target
 
 
-def _request(host_header: str, target: str, headers: Mapping[str, str]) -> bytes:
-    lines = [f"GET {target} HTTP/1.1", f"Host: {host_header}"]
+def _request(host_header: str, target: str, headers: Mapping[str, str], body: bytes | None = None) -> bytes:
+    lines = [f"{'GET' if body is None else 'POST'} {target} HTTP/1.1", f"Host: {host_header}"]
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name.encode("latin-1", "replace")) or name.lower() in {"host", "connection"}:
             raise ValueError(f"cannot send a header named {name!r}")
         if any(char in value for char in "\r\n\0"):
             raise ValueError(f"a header value must not contain CR, LF or NUL: {name}: {value!r}")
         lines.append(f"{name}: {value}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
     lines += ["Connection: close", "", ""]
-    return "\r\n".join(lines).encode("latin-1")
+    return "\r\n".join(lines).encode("latin-1") + (body or b"")
 
 
 def _connect(host: str, port: int, timeout_s: float) -> socket.socket:
@@ -299,18 +301,20 @@ def capture(
     params: Mapping[str, object] | None = None,
     headers: Mapping[str, str] | None = None,
     deadline_s: float = DEFAULT_DEADLINE_S,
+    body: bytes | None = None,
 ) -> WireCapture:
     """GET `url` (plus `params`) over a raw socket and record every read until the close or `deadline_s`.
 
     The request is written by hand: `GET`, `Host`, the given `headers`, then
     `Connection: close`, so the server ends the connection with the response.
+    With a `body`, it is a `POST` of those bytes (give its Content-Type in `headers`).
     Raises ValueError for a host that is not loopback (127.0.0.1, localhost,
     ::1), a URL or header that would make a malformed request, or a chunked
     body whose framing is broken; OSError if the connection cannot be made
     before the deadline.
     """
     host, port, host_header, target = _target(url, params)
-    request = _request(host_header, target, headers or {})
+    request = _request(host_header, target, headers or {}, body)
     deadline = time.perf_counter() + deadline_s
     reads: list[Read] = []
     closed = False

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from itertools import groupby, pairwise
 
 import pytest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sse_lab import BackgroundServer, stream_chat
 from sse_lab.course.exercises import (
@@ -14,8 +16,10 @@ from sse_lab.course.exercises import (
     check_lumps,
     check_proxy_config,
     check_resume,
+    check_size_logger,
     check_tpot,
 )
+from sse_lab.experiments.middleware import LogWholeBody
 from sse_lab.metrics import ChatResult, RequestRecord
 from sse_lab.parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
 
@@ -201,6 +205,113 @@ def test_unattempted_buffering_exercises_only_remind(capsys: pytest.CaptureFixtu
     check_lumps(not_yet)
     check_proxy_config(not_yet)
     assert capsys.readouterr().out.count("not attempted yet") == 2
+
+
+# ── Notebook 07: LLM API dialects ─────────────────────────────────────────────
+
+
+def right_chat_parser(body: bytes) -> str:
+    import json
+
+    from sse_lab.sse import decode
+
+    pieces = []
+    for event in decode(body):
+        if event.data == "[DONE]":
+            break
+        chunk = json.loads(event.data)
+        if "error" in chunk:
+            raise RuntimeError(chunk["error"]["message"])
+        pieces.extend(choice["delta"].get("content") or "" for choice in chunk["choices"])
+    return "".join(pieces)
+
+
+def test_a_right_chat_completions_parser_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    check_chat_completions_parser(right_chat_parser)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_chat_parser_that_ignores_errors_fails_where_the_sdk_raises() -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    def lenient(body: bytes) -> str:
+        try:
+            return right_chat_parser(body)
+        except RuntimeError:
+            return ""
+
+    with pytest.raises(AssertionError, match="a model failing mid-stream: the SDK raised APIError"):
+        check_chat_completions_parser(lenient)
+
+
+def test_a_chat_parser_that_splits_text_on_line_breaks_fails() -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    def lossy(body: bytes) -> str:
+        return right_chat_parser(body).replace("\r\n", "\n")
+
+    with pytest.raises(AssertionError, match="a hostile payload, echoed: the SDK read"):
+        check_chat_completions_parser(lossy)
+
+
+def test_an_unattempted_chat_parser_only_reminds(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_chat_completions_parser
+
+    check_chat_completions_parser(not_yet)
+
+
+def right_size_logger(app: ASGIApp, log: Callable[[int], object]) -> ASGIApp:
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        sent = 0
+
+        async def counting_send(message: Message) -> None:
+            nonlocal sent
+            await send(message)
+            if message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    log(sent)
+
+        await app(scope, receive, counting_send)
+
+    return logged
+
+
+def test_size_logger_checker_passes_a_logger_that_counts_as_bytes_pass(capsys: pytest.CaptureFixture[str]) -> None:
+    check_size_logger(right_size_logger)
+    assert "passed" in capsys.readouterr().out
+
+
+def test_size_logger_checker_fails_a_logger_that_reads_the_whole_body() -> None:
+    def holding(app: ASGIApp, log: Callable[[int], object]) -> ASGIApp:
+        return LogWholeBody(app)  # holds every token until the end (and logs elsewhere)
+
+    with pytest.raises(AssertionError, match="lumps"):
+        check_size_logger(holding)
+
+
+def test_size_logger_checker_fails_a_logger_that_logs_every_message() -> None:
+    with pytest.raises(AssertionError, match="log once"):
+        check_size_logger(log_each_message)
+
+
+def log_each_message(app: ASGIApp, log: Callable[[int], object]) -> ASGIApp:
+    async def logged(scope: Scope, receive: Receive, send: Send) -> None:
+        async def logging_send(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body":
+                log(len(message.get("body", b"")))
+
+        await app(scope, receive, logging_send)
+
+    return logged
+
+
+def test_size_logger_checker_reminds_until_attempted(capsys: pytest.CaptureFixture[str]) -> None:
+    check_size_logger(not_yet)  # type: ignore[arg-type]
+    assert "not attempted yet" in capsys.readouterr().out
 
 
 # ── Notebook 08: under load ──────────────────────────────────────────────────────────────────────────────────────

@@ -7,15 +7,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sse_lab import BackgroundServer, serve_in_background
+from sse_lab import BackgroundServer, encode_event, serve_in_background
 from sse_lab.experiments.payload import (
     FORMATS,
+    SERIALIZERS,
     STREAM_PATH,
+    SerializerCost,
+    ServerCpu,
     WireFormat,
     coalescing_smoothness,
     create_payload_app,
     payload_cost,
     round_trip,
+    serialization_table,
+    serializer_cost,
+    server_cpu_per_event,
 )
 from sse_lab.model import sim_tokens
 from tests.conftest import NASTY_PROMPTS
@@ -127,3 +133,42 @@ def test_coalescing_4_tokens_per_event_spaces_updates_4_token_times_apart() -> N
     # The same tokens in the same time: only the way they arrive changed.
     assert len(four.token_offsets_s) == 24
     assert abs(four.event_offsets_s[-1] - one.event_offsets_s[-1]) < 0.15
+
+
+@pytest.mark.parametrize("serializer", SERIALIZERS)
+def test_every_serializer_writes_the_bytes_the_chat_server_writes(serializer: str) -> None:
+    tokens = [*NASTY_PROMPTS, "\r\n", '"quoted"', "back\\slash", "\u2028"]
+    expected = [WireFormat("json").encode([token], index) for index, token in enumerate(tokens)]
+    serialize = SERIALIZERS[serializer]
+    written = [
+        encode_event(serialize({"token": token, "index": index}).decode(), event="token", id=str(index))
+        for index, token in enumerate(tokens)
+    ]
+    assert written == expected
+
+
+def test_serializer_cost_measures_each_serializer_against_json() -> None:
+    costs = {cost.serializer: cost for cost in serializer_cost(sim_tokens("cost", 2_000), repeats=2)}
+    assert list(costs) == ["json", "orjson", "msgspec"]
+    assert costs["json"].times_faster_than_json == 1.0
+    assert all(cost.events == 2_000 and cost.cpu_us_per_event > 0 for cost in costs.values())
+    for name in ("orjson", "msgspec"):
+        assert costs[name].times_faster_than_json == pytest.approx(
+            costs["json"].cpu_us_per_event / costs[name].cpu_us_per_event
+        )
+
+
+def test_server_cpu_per_event_is_measured_in_the_server_process_alone() -> None:
+    server = server_cpu_per_event(20_000)
+    assert server.tokens == 20_000 and server.cpu_s > 0
+    assert server.us_per_event == pytest.approx(1e6 * server.cpu_s / 20_000)
+    assert server.us_per_event < 1_000  # microseconds: a token event is cheap, even on a busy machine
+
+
+def test_serialization_table_gives_each_serializers_share_of_the_server() -> None:
+    costs = [SerializerCost("json", 10, 2.0, 1.0), SerializerCost("orjson", 10, 0.1, 20.0)]
+    table = serialization_table(costs, ServerCpu(tokens=10, cpu_s=0.0001, us_per_event=10.0))
+    rows = table.splitlines()
+    assert rows[1].split() == ["json", "2.00", "1.0", "20.0%"]
+    assert rows[2].split() == ["orjson", "0.10", "20.0", "1.0%"]
+    assert rows[3].split()[:2] == ["server", "10.00"]
