@@ -29,6 +29,7 @@ import errno
 import functools
 import json
 import logging
+import os
 import socket
 import sys
 import threading
@@ -285,15 +286,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class _AcceptFailures:
-    """The loop's exception handler: `accept()` failing for lack of descriptors is logged as one line per window.
+    """`accept()` failing for lack of descriptors, logged as one line per window.
 
-    asyncio reports each failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) with a
-    traceback and retries a second later; under a descriptor shortage that fills the log
-    while open connections are still served. Here the first failure of a window says
-    what happened and how many connections hold descriptors; the next ones in the
-    following `window_s` seconds are counted and reported with the next line. Anything
-    else goes to asyncio's default handler.
+    asyncio reports each failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) to the
+    loop's exception handler, this object, with a traceback, and retries a second
+    later; under a descriptor shortage that fills the log while open connections are
+    still served. libuv (under uvloop) tells nobody: it closes each connection it has
+    no descriptor for at once, so `probe` looks every `PROBE_S` seconds whether a
+    descriptor can still be had. Either way the first failure of a window says what
+    happened and how many connections hold descriptors; the next ones in the following
+    `window_s` seconds are counted and reported with the next line. Anything else goes
+    to asyncio's default handler.
     """
+
+    PROBE_S = 0.1  # a dup() and a close(): nothing next to the streams a loop serves
 
     def __init__(self, connections: set[Any], window_s: float = EXHAUSTION_LOG_WINDOW_S) -> None:
         self.connections = connections
@@ -306,15 +312,29 @@ class _AcceptFailures:
         if not (isinstance(failure, OSError) and failure.errno in _EXHAUSTED_ERRNOS and "accept" in context["message"]):
             loop.default_exception_handler(context)
             return
+        self._report(loop, failure, "asyncio retries every second")
+
+    def probe(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """Under libuv: try to take a descriptor now and again, and report when none is left."""
+        try:
+            os.close(os.dup(sock.fileno()))
+        except OSError as failure:
+            if failure.errno not in _EXHAUSTED_ERRNOS:
+                return  # the socket is closed: the server has stopped
+            self._report(loop, failure, "new ones are closed as they come")
+        loop.call_later(self.PROBE_S, self.probe, loop, sock)
+
+    def _report(self, loop: asyncio.AbstractEventLoop, failure: OSError, meanwhile: str) -> None:
         now = loop.time()
         if now < self.window_ends:
             self.unreported += 1
             return
         earlier = f"; {self.unreported} more since the last report" if self.unreported else ""
         logger.warning(
-            "cannot accept connections: %s, with %d open; asyncio retries every second, next report in %g s%s",
+            "cannot accept connections: %s, with %d open; %s, next report in %g s%s",
             failure.strerror,
             len(self.connections),
+            meanwhile,
             self.window_s,
             earlier,
         )
@@ -359,7 +379,10 @@ class _ServerThread:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.loop.set_exception_handler(_AcceptFailures(self.server.server_state.connections))
+        accept_failures = _AcceptFailures(self.server.server_state.connections)
+        self.loop.set_exception_handler(accept_failures)
+        if not isinstance(self.loop, asyncio.BaseEventLoop):  # uvloop: libuv keeps failed accepts to itself
+            accept_failures.probe(self.loop, self.sock)
         await self.server.serve(sockets=[self.sock])
 
     def start(self, timeout_s: float) -> None:
