@@ -30,10 +30,13 @@ import errno
 import functools
 import json
 import logging
+import os
 import socket
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable, Coroutine
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any
@@ -42,12 +45,13 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .server import Settings, create_app
-from .sse import MEDIA_TYPE, encode_comment
+from .server import EVENT_STREAM, Settings, create_app
+from .sse import encode_comment
 
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 1.0
+LISTEN_BACKLOG = 2048  # uvicorn's default: a burst of connections must not wait for SYN retries (1 s each)
 SECURITY_HEADERS = [("X-Content-Type-Options", "nosniff")]  # on every response, the server's own refusals too
 STOPPING_COMMENT = encode_comment("server stopping")
 EXHAUSTION_LOG_WINDOW_S = 10.0
@@ -71,51 +75,74 @@ class _Closing:
     `EventSource`, and `stream_chat`, reconnect after the `retry` delay with
     `Last-Event-ID`, which another instance behind the same address resumes exactly.
     The comment is invisible to `EventSource` and tells a human reading the wire
-    (curl, a capture) that the cut was a stop, not a network fault.
+    (curl, a capture) that the cut was a stop, not a network fault. An event stream is
+    a response that `EventStreamResponse` sent: it marks its scope (`EVENT_STREAM`), so
+    no message needs to be looked into.
+
+    Each request runs in uvicorn's own task, with nothing added per request or per
+    message but a set entry: `close()` cancels the tasks of the open requests, and
+    each ends its response where it stands. Where a response stands is read off
+    uvicorn's request cycle (the object whose bound method `send` is); under another
+    server, a wrapper around `send` keeps track instead.
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.closed = asyncio.Event()
+        self.closed = False
+        self.responding: set[asyncio.Task[Any]] = set()
 
     def close(self) -> None:
         """End open responses; call it on the server's event loop."""
-        self.closed.set()
+        self.closed = True
+        for task in self.responding:
+            task.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = {"started": False, "complete": False, "event_stream": False}
-
-        async def tracking_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["started"] = True
-                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
-                status["event_stream"] = content_type.startswith(MEDIA_TYPE.encode())
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                status["complete"] = True
-            await send(message)
-
-        responding = asyncio.ensure_future(self.app(scope, receive, tracking_send))
-        closing = asyncio.ensure_future(self.closed.wait())
-        try:
-            await asyncio.wait((responding, closing), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-            if not responding.done():
-                responding.cancel()
-                await asyncio.wait((responding,))
-        if not responding.cancelled():
-            responding.result()  # let the server report the app's own errors
-        elif not status["started"]:
+        progress, send = _progress(send)
+        task = asyncio.current_task()
+        assert task is not None
+        if not self.closed:
+            self.responding.add(task)
+            try:
+                await self.app(scope, receive, send)
+                return
+            except asyncio.CancelledError:
+                if not self.closed:
+                    raise
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+: the cancel was ours
+                if uncancel is not None:
+                    uncancel()
+            finally:
+                self.responding.discard(task)
+        started, complete = progress()
+        if not started:
             headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
             body = {"error": "server_stopping", "reason": "the server is stopping; try again shortly"}
             await send({"type": "http.response.start", "status": 503, "headers": headers})
             await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-        elif not status["complete"]:
-            last = STOPPING_COMMENT if status["event_stream"] else b""
+        elif not complete:
+            last = STOPPING_COMMENT if scope.get(EVENT_STREAM, False) else b""
             await send({"type": "http.response.body", "body": last, "more_body": False})
+
+
+def _progress(send: Send) -> tuple[Callable[[], tuple[bool, bool]], Send]:
+    """How to tell whether the response has started and completed, and the `send` to use for it."""
+    cycle = getattr(send, "__self__", None)
+    if hasattr(cycle, "response_started") and hasattr(cycle, "response_complete"):  # uvicorn's request cycle
+        return lambda: (cycle.response_started, cycle.response_complete), send
+    status = {"started": False, "complete": False}
+
+    async def tracking_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status["started"] = True
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            status["complete"] = True
+        await send(message)
+
+    return lambda: (status["started"], status["complete"]), tracking_send
 
 
 def _raw_json_response(status: int, body: dict[str, str], default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -291,15 +318,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 class _AcceptFailures:
-    """The loop's exception handler: `accept()` failing for lack of descriptors is logged as one line per window.
+    """`accept()` failing for lack of descriptors, logged as one line per window.
 
-    asyncio reports each failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) with a
-    traceback and retries a second later; under a descriptor shortage that fills the log
-    while open connections are still served. Here the first failure of a window says
-    what happened and how many connections hold descriptors; the next ones in the
-    following `window_s` seconds are counted and reported with the next line. Anything
-    else goes to asyncio's default handler.
+    asyncio reports each failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) to the
+    loop's exception handler, this object, with a traceback, and retries a second
+    later; under a descriptor shortage that fills the log while open connections are
+    still served. libuv (under uvloop) tells nobody: it closes each connection it has
+    no descriptor for at once, so `probe` looks every `PROBE_S` seconds whether a
+    descriptor can still be had. Either way the first failure of a window says what
+    happened and how many connections hold descriptors; the next ones in the following
+    `window_s` seconds are counted and reported with the next line. Anything else goes
+    to asyncio's default handler.
     """
+
+    PROBE_S = 0.1  # a dup() and a close(): nothing next to the streams a loop serves
 
     def __init__(self, connections: set[Any], window_s: float = EXHAUSTION_LOG_WINDOW_S) -> None:
         self.connections = connections
@@ -312,15 +344,29 @@ class _AcceptFailures:
         if not (isinstance(failure, OSError) and failure.errno in _EXHAUSTED_ERRNOS and "accept" in context["message"]):
             loop.default_exception_handler(context)
             return
+        self._report(loop, failure, "asyncio retries every second")
+
+    def probe(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """Under libuv: try to take a descriptor now and again, and report when none is left."""
+        try:
+            os.close(os.dup(sock.fileno()))
+        except OSError as failure:
+            if failure.errno not in _EXHAUSTED_ERRNOS:
+                return  # the socket is closed: the server has stopped
+            self._report(loop, failure, "new ones are closed as they come")
+        loop.call_later(self.PROBE_S, self.probe, loop, sock)
+
+    def _report(self, loop: asyncio.AbstractEventLoop, failure: OSError, meanwhile: str) -> None:
         now = loop.time()
         if now < self.window_ends:
             self.unreported += 1
             return
         earlier = f"; {self.unreported} more since the last report" if self.unreported else ""
         logger.warning(
-            "cannot accept connections: %s, with %d open; asyncio retries every second, next report in %g s%s",
+            "cannot accept connections: %s, with %d open; %s, next report in %g s%s",
             failure.strerror,
             len(self.connections),
+            meanwhile,
             self.window_s,
             earlier,
         )
@@ -357,7 +403,7 @@ class _ServerThread:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._serve())
+            _run_on_uvicorns_loop(self._serve(), self.server.config)
         except BaseException as error:  # reported to the starting thread
             self.error = error
         finally:
@@ -365,7 +411,10 @@ class _ServerThread:
 
     async def _serve(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.loop.set_exception_handler(_AcceptFailures(self.server.server_state.connections))
+        accept_failures = _AcceptFailures(self.server.server_state.connections)
+        self.loop.set_exception_handler(accept_failures)
+        if not isinstance(self.loop, asyncio.BaseEventLoop):  # uvloop: libuv keeps failed accepts to itself
+            accept_failures.probe(self.loop, self.sock)
         await self.server.serve(sockets=[self.sock])
 
     def start(self, timeout_s: float) -> None:
@@ -388,6 +437,21 @@ class _ServerThread:
         if self.thread.is_alive():
             self.server.force_exit = True
             self.thread.join(STOP_TIMEOUT_S * 0.2)
+
+
+def _run_on_uvicorns_loop(main: Coroutine[Any, Any, None], config: uvicorn.Config) -> None:
+    """Run `main` on a new loop of the kind `uvicorn.run` picks (uvloop when installed), as `asyncio.run` would.
+
+    `asyncio.run` alone always makes a plain asyncio loop, and the same app then
+    falls behind under load several times sooner than under `uvicorn.run`. Only
+    this thread's loop changes; the notebook's own loop and policy are left alone.
+    """
+    loop_factory = config.get_loop_factory()
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main)
+    else:  # Python 3.10: asyncio.run takes no loop factory; the plain loop is slower, not wrong
+        asyncio.run(main)
 
 
 _by_address: dict[tuple[str, int], _ServerThread] = {}
@@ -444,7 +508,7 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as error:
         sock.close()
         raise ServerStartError(f"cannot serve on {host}:{port}: {error.strerror}") from error

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from .metrics import ChatResult, Spread, ttfts
+from .metrics import ChatResult, RequestRecord, Spread, ttfts
 
 if TYPE_CHECKING:  # the stack imports no experiment at run time
     from .experiments.backpressure import CrowdRun, PacedRun, StallRun
@@ -574,4 +574,78 @@ def crowd_memory(runs: Mapping[str, CrowdRun], ax: Axes | None = None) -> Axes:
     ax.set_title(f"{readers} stalled readers: what each policy makes the server hold")
     ax.set_ylim(bottom=0)
     ax.legend()
+    return ax
+
+
+# ── Under load (notebook 08): plots of load runs and of the capacity benchmark ────────────────────────────────────
+
+
+def capacity_plot(report: Mapping[str, Any], ax: Axes | None = None) -> Figure:
+    """p99 lateness against concurrency, one line per server, on a log scale, with the SLO as a dashed line.
+
+    `report` is what `sse_lab.experiments.capacity.benchmark` returns.
+    """
+    ax = _axes(ax)
+    slo = report["settings"]["lateness_slo_ms"]
+    for name, server in report["servers"].items():
+        steps = sorted(server["steps"], key=int)
+        p99s = [server["steps"][step]["load"]["lateness_ms"]["p99"] for step in steps]
+        ax.plot([int(step) for step in steps], [max(p99 or 0.0, 0.1) for p99 in p99s], marker="o", label=name)
+    ax.axhline(slo, color="grey", linestyle="--", label=f"SLO: p99 lateness {slo:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("p99 lateness (ms, log scale)")
+    ax.set_title(f"Capacity at {1000 / report['settings']['token_ms']:g} tokens/s per stream")
+    ax.legend(fontsize="small")
+    figure = ax.figure
+    assert isinstance(figure, Figure)
+    return figure
+
+
+def load_percentiles(
+    summaries: Mapping[int, Mapping[str, Any]], metrics: Sequence[str] = ("ttft_ms", "itl_ms", "lateness_ms")
+) -> Figure:
+    """One panel per metric: p50, p90 and p99 against concurrency, from load reports keyed by concurrency."""
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.6), layout="constrained")
+    levels = sorted(summaries)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for percentile in ("p50", "p90", "p99"):
+            ax.plot(levels, [summaries[level][metric][percentile] for level in levels], marker="o", label=percentile)
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(f"{metric.removesuffix('_ms')} (ms)")
+        ax.set_title(metric.removesuffix("_ms").upper() if metric != "lateness_ms" else "lateness")
+        ax.legend(fontsize="small")
+    return figure
+
+
+def cdf(samples_by_label: Mapping[str, Sequence[float]], xlabel: str, ax: Axes | None = None) -> Axes:
+    """The empirical CDF of each sample: the share of values at or below x."""
+    ax = _axes(ax)
+    for label, samples in samples_by_label.items():
+        ordered = sorted(samples)
+        ax.step(ordered, [(rank + 1) / len(ordered) for rank in range(len(ordered))], where="post", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("share of values at or below")
+    ax.legend()
+    return ax
+
+
+def request_timeline(records: Sequence[RequestRecord], ax: Axes | None = None, limit: int = 60) -> Axes:
+    """One row per request (in the order they were sent), a dot per token arrival, a bar from send to end.
+
+    Times are seconds since the first request was sent; at most `limit` requests, evenly picked.
+    """
+    ax = _axes(ax)
+    ordered = sorted(records, key=lambda record: record.sent_at)
+    picked = ordered[:: max(1, len(ordered) // limit)][:limit]
+    start = ordered[0].sent_at if ordered else 0.0
+    for row, record in enumerate(picked):
+        end = (record.ended_at or record.sent_at) - start
+        ax.hlines(row, record.sent_at - start, end, color="lightgrey", lw=3, zorder=1)
+        ax.scatter([arrival - start for arrival in record.arrivals], [row] * len(record.arrivals), s=2, zorder=2)
+    ax.hlines([], 0, 0, color="lightgrey", lw=3, label="request: sent to ended")
+    ax.scatter([], [], s=6, label="a token arrives")
+    ax.set_xlabel("time since the first request was sent (s)")
+    ax.set_ylabel("request (in order sent)")
+    ax.legend(loc="lower right", fontsize="small")
     return ax

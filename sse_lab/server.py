@@ -30,10 +30,12 @@ Browsers on other origins may read both chat endpoints when their origin is in
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import math
 import re
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from functools import partial
@@ -46,7 +48,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Match, Route, Router
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .model import MODELS, GenerationRequest, TokenSource, prompt_tokens
 from .producer import POLICIES, QUEUE_MAX_LIMIT, decoupled, watch_sends
@@ -394,8 +396,23 @@ def _finish_reason(tokens: int, request: GenerationRequest) -> str:
     return "length" if tokens >= request.max_tokens else "stop"
 
 
-def _json(payload: object) -> str:
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+# One encoder for every event: json.dumps with options builds a new JSONEncoder per call.
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # a str as JSON, without escaping non-ASCII: json.dumps's own
+
+
+def token_event(token: str, index: int) -> bytes:
+    """The bytes of token event number `index`: `encode_event(json, event="token", id=str(index))`, in one step.
+
+    Its data is the JSON `{"token": token, "index": index}` that `json.dumps` with
+    ensure_ascii=False writes. JSON escapes CR and LF, so the data is always one
+    line, and an index is always a valid id: none of `encode_event`'s checks can
+    fail, and the server sends thousands of these per second.
+
+    >>> token_event(" hi", 3)
+    b'event: token\\nid: 3\\ndata: {"token":" hi","index":3}\\n\\n'
+    """
+    return f'event: token\nid: {index}\ndata: {{"token":{_json_string(token)},"index":{index}}}\n\n'.encode()
 
 
 def _error_event(code: str, message: str) -> bytes:
@@ -458,6 +475,7 @@ class ChatStream:
             tokens = _fail_at(tokens, generation.resume_from, options.fail_after)
         in_prompt = options.prompt_tokens
         index = generation.resume_from
+        stats, blocklist, make_token_event = self.stats, options.blocklist, self.token_event
         try:
             while index < generation.max_tokens:
                 if in_prompt + index >= options.context_window:
@@ -474,13 +492,15 @@ class ChatStream:
                     logger.warning("model failed after %d tokens: %r", index, failure)
                     yield self._failed(self.error_event("model_error", f"the model failed after {index} tokens"))
                     return
-                self._count_token()
-                if any(word.casefold() in token.casefold() for word in options.blocklist):
+                stats.tokens_generated += 1
+                if self.client_gone:
+                    stats.tokens_wasted += 1
+                if blocklist and any(word.casefold() in token.casefold() for word in blocklist):
                     yield self._failed(
                         self.error_event("content_filter", f"token {index} was withheld by the content filter")
                     )
                     return
-                yield self.token_event(token, index)
+                yield make_token_event(token, index)
                 index += 1
                 if index - generation.resume_from == options.drop_after and index < generation.max_tokens:
                     return  # a connection cut: no `done`, the client resumes with Last-Event-ID
@@ -498,8 +518,8 @@ class ChatStream:
         return f"retry: {self.settings.retry_ms}\n".encode()
 
     def token_event(self, token: str, index: int) -> bytes:
-        """Token number `index`: a `token` event whose id is the index."""
-        return encode_event(_json({"token": token, "index": index}), event="token", id=str(index))
+        """Token number `index`: a `token` event whose id is the index (the module's fast `token_event`)."""
+        return token_event(token, index)
 
     def done_event(self, finish_reason: str, tokens: int) -> bytes:
         """The end of a stream that ran its course: `length` (max_tokens reached) or `stop`."""
@@ -517,11 +537,6 @@ class ChatStream:
     def _failed(self, event: bytes) -> bytes:
         self.outcome = "failed"
         return event
-
-    def _count_token(self) -> None:
-        self.stats.tokens_generated += 1
-        if self.client_gone:
-            self.stats.tokens_wasted += 1
 
 
 async def cancel_on_disconnect(receive: Receive, work: Callable[[], Awaitable[T]]) -> T | None:
@@ -560,6 +575,14 @@ class EventStreamResponse(StreamingResponse):
       their bytes are dropped. Either way `on_disconnect()` is called.
     - `send_timeout_s`: a write that cannot complete for that long ends the
       stream as a disconnect does, after `on_send_timeout()` (`producer.watch_sends`).
+    - `on_close()` is called once the response is over, however it ended.
+    - The request's scope gets `EVENT_STREAM` set: a server that stops ends the
+      stream with a comment (`sse_lab.background._Closing`), not just the body.
+
+    What it costs per stream, since a server holds thousands: the events run in
+    the request's own task; one task waits for the disconnect; the time limit is
+    one timer handle; heartbeats share one timer per event loop (`_Heartbeats`).
+    Per event, one `send`, one clock reading and a count.
     """
 
     media_type = MEDIA_TYPE
@@ -575,6 +598,7 @@ class EventStreamResponse(StreamingResponse):
         on_disconnect: Callable[[], object] = lambda: None,
         send_timeout_s: float | None = None,
         on_send_timeout: Callable[[], object] = lambda: None,
+        on_close: Callable[[], object] = lambda: None,
     ) -> None:
         super().__init__(events, headers=STREAM_HEADERS)
         self.events = events
@@ -585,86 +609,213 @@ class EventStreamResponse(StreamingResponse):
         self.on_disconnect = on_disconnect
         self.send_timeout_s = send_timeout_s
         self.on_send_timeout = on_send_timeout
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.send_timeout_s is not None:
-            receive, send = watch_sends(receive, send, self.send_timeout_s, self.on_send_timeout)
-        try:
-            if self.cancel:
-                await self._cancelled_on_disconnect(receive, send)
-            else:
-                await self._run_to_the_end(receive, send)
-        finally:
-            await self.events.aclose()  # run the producers' cleanup now, not at GC
-
-    async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         loop = asyncio.get_running_loop()
-        last_write = loop.time()
-
-        async def write(chunk: bytes) -> None:
-            nonlocal last_write
-            last_write = loop.time()
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-        async def all_events() -> None:
-            async for chunk in self.events:
-                await write(chunk)
-
-        async def heartbeats(interval_s: float) -> None:
-            while True:
-                await asyncio.sleep(max(0.0, last_write + interval_s - loop.time()))
-                if loop.time() - last_write >= interval_s:
-                    await write(HEARTBEAT)
-
-        beating = None if self.heartbeat_s is None else asyncio.ensure_future(heartbeats(self.heartbeat_s))
-        producing = asyncio.ensure_future(all_events())
+        body_send = scope.get(DIRECT_SEND, send)
+        if self.send_timeout_s is not None:  # every write watched: the body takes the watched path too
+            receive, send = watch_sends(receive, send, self.send_timeout_s, self.on_send_timeout)
+            body_send = send
+        # The start goes through every layer, so each knows the response has started; the body, once started,
+        # may skip the layers that only pass it on (see `_DirectSend`).
+        stream = _LiveStream(loop, body_send, self)
+        heartbeats = None if self.heartbeat_s is None else _heartbeats(loop)
+        watching = deadline = None
+        scope[EVENT_STREAM] = True
         try:
-            await asyncio.wait((producing,), timeout=self.max_duration_s)
-            last_words = None
-            if not producing.done():
-                # Ask for the last words before cancelling: the events' cleanup then
-                # already sees the stream as failed (by timeout), not as cancelled.
-                last_words = self.on_timeout()
-                producing.cancel()
-                await asyncio.wait((producing,))
-            if not producing.cancelled():
-                producing.result()  # the events' own errors propagate
-            if last_words is not None:
-                await write(last_words)
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            watching = loop.create_task(stream.watch(receive))
+            if self.max_duration_s is not None:
+                deadline = loop.call_later(self.max_duration_s, stream.expire)
+            if heartbeats is not None:
+                heartbeats.add(stream, self.heartbeat_s)
+            await stream.run(self.events)
         finally:
-            for task in (producing, beating):
-                if task is not None and not task.done():
-                    task.cancel()
-                    await asyncio.wait((task,))
+            stream.over = True
+            if watching is not None:
+                watching.cancel()
+            if deadline is not None:
+                deadline.cancel()
+            if heartbeats is not None:
+                heartbeats.remove(stream)
+            try:
+                await self.events.aclose()  # run the producers' cleanup now, not at GC
+            finally:
+                self.on_close()
+
+
+class _LiveStream:
+    """One open event stream: its task, when it last wrote, and why it was stopped, if it was.
+
+    `stopped` is None while it runs on, "gone" once the client left (with
+    cancel), "timeout" once the time limit passed. Both stop it the same way: the
+    task is cancelled at its next await and the cancellation is caught in `run`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, response: EventStreamResponse) -> None:
+        self.loop = loop
+        self.send = send
+        self.response = response
+        self.task = asyncio.current_task()
+        self.last_write = loop.time()
+        self.events_written = 0  # tells a heartbeat whether an event went out since it was due
+        self.gone = False
+        self.stopped: str | None = None
+        self.last_bytes = b""
+        self.over = False  # the final message is being sent: nothing may interrupt it
+        self.beating: asyncio.Task[None] | None = None
+
+    async def run(self, events: AsyncGenerator[bytes, None]) -> None:
+        send, loop = self.send, self.loop
+        try:
+            async for chunk in events:
+                self.last_write = loop.time()
+                self.events_written += 1
+                if not self.gone:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            if self.stopped is None:
+                raise  # cancelled from outside (the server stopping): not ours to swallow
+            uncancel = getattr(self.task, "uncancel", None)  # Python 3.11+: undo the cancel we asked for
+            if uncancel is not None:
+                uncancel()
+            if self.stopped == "gone":
+                self.response.on_disconnect()
+                return
+        self.over = True
+        if self.beating is not None:  # a heartbeat still on its way must not follow the end
+            self.beating.cancel()
+            await asyncio.wait((self.beating,))
+        if self.gone:
+            return
+        if self.last_bytes:
+            await send({"type": "http.response.body", "body": self.last_bytes, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _cancelled_on_disconnect(self, receive: Receive, send: Send) -> None:
-        async def finished() -> bool:
-            await self.stream_response(send)
-            return True
+    async def watch(self, receive: Receive) -> None:
+        await _disconnected(receive)
+        self.gone = True
+        if not self.response.cancel:
+            self.response.on_disconnect()
+        elif not self.over:
+            self._stop("gone")
 
-        if await cancel_on_disconnect(receive, finished) is None:
-            self.on_disconnect()
+    def expire(self) -> None:
+        """The time limit passed: the timeout bytes (the error event) go out instead of further events."""
+        if not self.over and self.stopped is None:
+            self.last_bytes = self.response.on_timeout()
+            self._stop("timeout")
 
-    async def _run_to_the_end(self, receive: Receive, send: Send) -> None:
-        gone = asyncio.Event()
+    def _stop(self, reason: str) -> None:
+        if self.stopped is None and self.task is not None:
+            self.stopped = reason
+            self.task.cancel()
 
-        async def notice() -> None:
-            await _disconnected(receive)
-            gone.set()
-            self.on_disconnect()
+    def beat(self) -> None:
+        """Send a heartbeat now (called by the shared timer), unless one is still on its way."""
+        if self.over or self.gone or (self.beating is not None and not self.beating.done()):
+            return
+        self.last_write = self.loop.time()
+        self.beating = self.loop.create_task(self._send_heartbeat(self.events_written))
 
-        async def send_while_connected(message: Message) -> None:
-            if not gone.is_set():
-                await send(message)
+    async def _send_heartbeat(self, events_written: int) -> None:
+        # An event written between the timer and this task already told the proxies the stream is alive. (A count,
+        # not a time: uvloop's clock reads the same all through one turn of the loop.)
+        if not self.over and self.events_written == events_written:
+            await self.send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
 
-        watching = asyncio.ensure_future(notice())
-        try:
-            await self.stream_response(send_while_connected)
-        finally:
-            watching.cancel()
-            await asyncio.wait((watching,))
+
+class _Heartbeats:
+    """One timer for the heartbeats of every stream on an event loop, instead of a task per stream.
+
+    A heap holds each open stream under the time its heartbeat would be due; one
+    timer handle waits for the earliest. When it fires, a stream that wrote in
+    the meantime goes back under its new due time, a silent one gets its
+    heartbeat. A stream that writes a token costs one clock reading, and one
+    stream costs a heap entry, not a sleeping task.
+    """
+
+    EARLY_S = 0.001  # a timer may fire this much early; a heartbeat that early is still on time
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.due: list[tuple[float, int, float, _LiveStream]] = []  # (due, tie-breaker, interval, stream)
+        self.added = 0
+        self.live = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    def add(self, stream: _LiveStream, interval_s: float) -> None:
+        self.added += 1
+        self.live += 1
+        heapq.heappush(self.due, (stream.last_write + interval_s, self.added, interval_s, stream))
+        self._arm()
+
+    def remove(self, stream: _LiveStream) -> None:
+        """A stream ended (`stream.over` is set): its entry leaves the heap when due, or now if many are dead."""
+        self.live -= 1
+        if len(self.due) > 2 * self.live + 64:  # long heartbeat intervals must not keep ended streams for long
+            self.due = [entry for entry in self.due if not entry[3].over]
+            heapq.heapify(self.due)
+
+    def _arm(self) -> None:
+        if not self.due:
+            return
+        soonest = self.due[0][0]
+        if soonest < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_at = self.loop.call_at(soonest, self._fire), soonest
+
+    def _fire(self) -> None:
+        self.timer, self.timer_at = None, math.inf
+        now = self.loop.time()
+        while self.due and self.due[0][0] <= now + self.EARLY_S:
+            _, tie, interval_s, stream = heapq.heappop(self.due)
+            if stream.over:
+                continue  # ended: dropped from the heap
+            due = stream.last_write + interval_s
+            if due <= now + self.EARLY_S:
+                stream.beat()
+                due = now + interval_s
+            heapq.heappush(self.due, (due, tie, interval_s, stream))
+        self._arm()
+
+
+_heartbeat_timers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Heartbeats] = weakref.WeakKeyDictionary()
+
+
+def _heartbeats(loop: asyncio.AbstractEventLoop) -> _Heartbeats:
+    """The heartbeat timer of `loop`, made on first use."""
+    timer = _heartbeat_timers.get(loop)
+    if timer is None:
+        timer = _heartbeat_timers[loop] = _Heartbeats(loop)
+    return timer
+
+
+DIRECT_SEND = "sse_lab.direct_send"
+EVENT_STREAM = "sse_lab.event_stream"  # set in the scope of a request answered by an `EventStreamResponse`
+
+
+class _DirectSend:
+    """Starlette middleware that keeps, in the scope, the `send` it was given.
+
+    Starlette's exception middleware and each route wrap `send` to note whether
+    the response has started, and pass every later message on unchanged. An
+    event stream sends thousands of messages; `EventStreamResponse` sends its
+    start through the wrappers and its body through the `send` kept here, one
+    call instead of three. Middleware added to the app later sits outside this
+    one, so it still sees every message.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[DIRECT_SEND] = send
+        await self.app(scope, receive, send)
 
 
 def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStreamResponse:
@@ -673,13 +824,6 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
     if options.backpressure != "pull":  # a producer task and a queue; pull keeps today's path
         produced = decoupled(produced, options.backpressure, options.queue_max, chat.stats)
 
-    async def events() -> AsyncGenerator[bytes, None]:
-        try:
-            async for chunk in produced:
-                yield chunk
-        finally:
-            release()
-
     def on_disconnect() -> None:
         chat.client_gone = True
 
@@ -687,14 +831,15 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
         chat.outcome = "send_timeout"
 
     return EventStreamResponse(
-        events(),
-        heartbeat_s=chat.options.heartbeat_s,
+        produced,
+        heartbeat_s=options.heartbeat_s,
         max_duration_s=chat.settings.max_stream_s,
         on_timeout=chat.timed_out,
         cancel=chat.settings.cancel_on_disconnect,
         on_disconnect=on_disconnect,
         send_timeout_s=options.send_timeout_s,
         on_send_timeout=on_send_timeout,
+        on_close=release,
     )
 
 
@@ -870,7 +1015,8 @@ def create_app(settings: Settings | None = None, *, models: Mapping[str, TokenSo
             *transport_routes(settings, models, stats),  # /ws/chat, /api/chat/poll (notebook 09)
             *web_routes(cors_origins),
         ],
-        middleware=[Middleware(CorsMiddleware, origins=cors_origins)],
+        # CORS outside, so it sees the start of every response; inside it, the body may skip the wrappers
+        middleware=[Middleware(CorsMiddleware, origins=cors_origins), Middleware(_DirectSend)],
         exception_handlers={
             InvalidParameter: invalid_parameter,
             TooManyStreams: too_many_streams,

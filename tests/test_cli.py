@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import select
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sse_lab import BackgroundServer, Settings, serve_in_background, stream_chat
+from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
 from sse_lab.cli import SETTING_FLAGS, app_from_args, build_parser, main, network_warning, settings_from_args
 from tests.conftest import wait_for
 
@@ -274,3 +275,25 @@ def test_a_malformed_cors_origin_is_a_usage_error(capsys: pytest.CaptureFixture[
         main(["serve", "--cors-origin", "localhost:8888"])
     assert exited.value.code == 2
     assert "a CORS origin is scheme://host" in capsys.readouterr().err
+
+
+def test_load_runs_the_acceptance_command_and_writes_the_json_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "load.json"
+    with serve_in_background(create_app(Settings(max_concurrent_streams=100))) as server:
+        argv = ["load", "--url", server.url, "--concurrency", "6", "--requests", "6", "--ramp", "0.2"]
+        argv += ["--max-tokens", "5", "--ttft-ms", "0", "--token-ms", "10", "--json", str(report)]
+        assert main([*argv, "--goodput", "ttft:1000", "tpot:500"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^requests 6 in ", printed, re.MULTILINE) and re.search(r"^lateness\s", printed, re.MULTILINE)
+    summary = json.loads(report.read_text())
+    assert summary["requests"] == 6 and summary["errors"] == {} and summary["goodput"] is not None
+    assert list(summary["client"]) == ["workers", "cpu_percent", "send_lag_ms"]
+
+
+def test_load_refuses_a_plan_without_a_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["load", "--url", "http://127.0.0.1:9", "--requests", "3"]) == 2
+    assert "give a concurrency" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["load", "--url", "http://127.0.0.1:9", "--concurrency", "1", "--requests", "1", "--goodput", "x:1"])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.manager import start_new_kernel
 
-from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, stream_chat
+from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, sim, stream_chat
 from tests.conftest import NASTY_PROMPTS, wait_for
 
 
@@ -504,3 +505,77 @@ def test_a_client_resumes_a_drop_after_stream_to_exactly_the_uninterrupted_text(
         dropped = stream_chat(running.url, "hi", max_tokens=30, ttft_ms=0, token_ms=0, drop_after=7, max_reconnects=1)
     assert dropped.text == whole.text and dropped.finish_reason == "length"
     assert [drop.last_event_id for drop in dropped.drops] == ["6", "13", "20", "27"]
+
+
+# ── Streams at scale: what each open stream costs, and the shared heartbeat timer ──────────────────────────────────
+
+
+@given(st.text(), st.integers(min_value=0, max_value=10**9))
+def test_token_events_built_in_one_step_equal_encode_event(token: str, index: int) -> None:
+    from sse_lab.server import _json, token_event
+    from sse_lab.sse import encode_event
+
+    try:
+        expected = encode_event(_json({"token": token, "index": index}), event="token", id=str(index))
+    except UnicodeEncodeError:  # a lone surrogate is no text either way
+        with pytest.raises(UnicodeEncodeError):
+            token_event(token, index)
+        return
+    assert token_event(token, index) == expected
+
+
+def test_an_open_stream_costs_two_tasks_its_request_and_its_disconnect_watcher() -> None:
+    """Regression: each stream used to hold seven (work, watcher, wait_for, heartbeat, two in the closing wrapper)."""
+
+    async def count_tasks(request: GenerationRequest) -> AsyncIterator[str]:
+        yield str(len(asyncio.all_tasks()))
+
+    models = {"sim": sim, "count": count_tasks}
+    with serve_in_background(create_app(models=models)) as running:
+        url = running.url + "/api/chat/stream"
+        with httpx.Client(trust_env=False, timeout=10) as client:
+            idle = int(events(url, prompt="hi", model="count", max_tokens=1)[0][2]["token"])
+            with contextlib.ExitStack() as open_streams:
+                for _ in range(20):
+                    response = open_streams.enter_context(
+                        client.stream("GET", url, params={"prompt": "hi", "ttft_ms": 10_000, "heartbeat_s": 60})
+                    )
+                    assert response.status_code == 200
+                busy = int(events(url, prompt="hi", model="count", max_tokens=1)[0][2]["token"])
+    assert 2 * 20 <= busy - idle <= 2 * 20 + 2  # a request just finished may not have left yet
+
+
+def test_one_timer_keeps_the_heartbeat_cadence_of_each_stream() -> None:
+    with serve_in_background() as running:
+        threads = {}
+        bodies: dict[float, str] = {}
+        for heartbeat_s in (0.05, 0.2):
+
+            def read(interval: float = heartbeat_s) -> None:
+                bodies[interval] = raw_stream(running.url, prompt="hi", max_tokens=1, ttft_ms=600, heartbeat_s=interval)
+
+            threads[heartbeat_s] = threading.Thread(target=read)
+            threads[heartbeat_s].start()
+        for thread in threads.values():
+            thread.join(10)
+    assert 6 <= bodies[0.05].count(": heartbeat") <= 13  # about 12 in a 600 ms prefill
+    assert 1 <= bodies[0.2].count(": heartbeat") <= 3  # about 3
+
+
+def test_ended_streams_leave_the_heartbeat_timer() -> None:
+    from sse_lab.server import _heartbeat_timers
+
+    with serve_in_background(create_app(Settings(heartbeat_s=3_600))) as running:
+        for _ in range(200):
+            raw_stream(running.url, prompt="hi", max_tokens=1, ttft_ms=0)
+        timers = [timer for timer in list(_heartbeat_timers.values()) if timer.loop.is_running()]
+        assert timers and all(len(timer.due) <= 2 * timer.live + 64 for timer in timers)  # not 200 waiting an hour
+
+
+def test_a_stream_cut_by_the_time_limit_counts_as_failed() -> None:
+    with serve_in_background(create_app(Settings(max_stream_s=0.2))) as running:
+        received = events(running.url + "/api/chat/stream", prompt="hi", max_tokens=100, ttft_ms=0, token_ms=50)
+        wait_for(lambda: stats(running)["streams_active"] == 0, what="the stream to end")
+        counters = stats(running)
+    assert received[-1][2]["code"] == "timeout"
+    assert counters["streams_failed"] == 1 and counters["streams_cancelled"] == 0

@@ -22,7 +22,7 @@ from ..experiments.browser import connection_limit
 from ..experiments.buffering import WriteBuffer
 from ..instruments.conformance import load_vectors
 from ..instruments.faults import DropConnections, IdleTimeout
-from ..metrics import ChatResult
+from ..metrics import ChatResult, RequestRecord
 from ..model import one_at_a_time, sim
 from ..parts.chromium import Chromium
 from ..parts.nginx import ProxyConfig, nginx_or_skip, start_nginx
@@ -622,3 +622,63 @@ def check_resume_position(resume_position: Callable[[str], str], redis_url: str 
         first = int(entries[0][1][b"token"])
         assert first == 5, f"after token 4, XREAD from your position returned token {first} first"
     _passed(exercise, "Resume after token k from entry k+1-0, exclusive: no gap, no duplicate.")
+
+
+# ── Notebook 08: under load ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def check_lateness(lateness_ms: Callable[[RequestRecord, float, float], list[float]], url: str) -> None:
+    """Exercise 08.1: `lateness_ms(record, ttft_ms, token_ms)` against the model's absolute schedule, in ms."""
+    from ..load import LoadSpec, run_load
+    from ..metrics import lateness
+
+    exercise = "Exercise 1 (lateness)"
+    probe = RequestRecord(scheduled_at=0.0, sent_at=0.0, arrivals=[0.1])
+    if not _attempted(exercise, lambda: lateness_ms(probe, 100.0, 10.0)):
+        return
+    measured = run_load(
+        LoadSpec(url, concurrency=4, requests=4, max_tokens=10, ttft_ms=50, token_ms=20), progress=False
+    ).records
+    cases = {
+        "on time": (RequestRecord(0.0, 1.0, arrivals=[1.1, 1.12, 1.14]), 100.0, 20.0),
+        "drifting": (RequestRecord(0.0, 1.0, arrivals=[1.1, 1.15, 1.3]), 100.0, 20.0),
+        "three tokens in one read": (RequestRecord(0.0, 2.0, arrivals=[2.05, 2.05, 2.05]), 0.0, 10.0),
+        "no token": (RequestRecord(0.0, 1.0), 100.0, 20.0),
+        **{f"measured stream {n}": (record, 50.0, 20.0) for n, record in enumerate(measured)},
+    }
+    for name, (record, ttft_ms, token_ms) in cases.items():
+        due = [ttft_ms + index * token_ms for index in range(len(record.arrivals))]
+        expected = [1000 * late for late in lateness(record, due)]
+        got = list(lateness_ms(record, ttft_ms, token_ms))
+        assert len(got) == len(expected) and all(abs(a - b) < 1e-6 for a, b in zip(got, expected, strict=True)), (
+            f"{name}: expected {expected}, got {got}. Token i is due at sent_at + ttft_ms + i x token_ms."
+        )
+    _passed(exercise, "Lateness counts from the send and the model's own schedule, not from the previous token.")
+
+
+def check_goodput(goodput: Callable[[list[RequestRecord], float, float, float], float]) -> None:
+    """Exercise 08.2: `goodput(records, ttft_slo_ms, tpot_slo_ms, duration_s)`, requests/s, as DistServe has it."""
+    from ..metrics import load_summary
+
+    exercise = "Exercise 2 (goodput)"
+    if not _attempted(exercise, lambda: goodput([], 500.0, 60.0, 1.0)):
+        return
+
+    def done(sent_at: float, arrivals: list[float]) -> RequestRecord:
+        return RequestRecord(sent_at, sent_at, arrivals=arrivals, outcome="done", ended_at=arrivals[-1])
+
+    records = [
+        done(0.0, [0.2, 0.25, 0.3]),  # good
+        done(0.0, [0.9, 0.95]),  # TTFT too long
+        done(0.1, [0.2, 0.6]),  # TPOT too long
+        done(0.2, [0.4]),  # one token: TPOT counts as 0, good
+        RequestRecord(0.3, 0.3, outcome="http_429", ended_at=0.31),  # refused: never good
+        RequestRecord(0.4, 0.4, arrivals=[0.5], outcome="error_model_error", ended_at=0.5),  # broken: never good
+    ]
+    summary = load_summary(records, slo_ms={"ttft": 500, "tpot": 60})
+    got = goodput(records, 500.0, 60.0, summary["duration_s"])
+    assert abs(got - summary["goodput"]) < 1e-6, (
+        f"expected {summary['goodput']:.3f} requests/s (2 good requests in {summary['duration_s']:.2f} s), got {got}. "
+        "A request is good when it is done and within every SLO."
+    )
+    _passed(exercise, "Goodput counts the requests that were done within every SLO, per second.")

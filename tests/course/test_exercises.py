@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from itertools import groupby
+from itertools import groupby, pairwise
 
 import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,7 +24,7 @@ from sse_lab.course.exercises import (
     check_tpot,
 )
 from sse_lab.experiments.middleware import LogWholeBody
-from sse_lab.metrics import ChatResult
+from sse_lab.metrics import ChatResult, RequestRecord
 from sse_lab.parts.nginx import REQUIRE_SYSTEM_PARTS_ENV, ProxyConfig, find_nginx
 
 
@@ -380,3 +380,40 @@ def test_a_right_send_timeout_passes_and_unattempted_ones_remind(capsys: pytest.
     check_tokens_in_flight(not_yet)
     out = capsys.readouterr().out
     assert "passed" in out and out.count("not attempted yet") == 2
+
+
+# ── Notebook 08: under load ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_lateness_against_the_absolute_schedule_passes_and_against_the_last_token_fails(
+    server: BackgroundServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sse_lab.course.exercises import check_lateness
+
+    def absolute(record: RequestRecord, ttft_ms: float, token_ms: float) -> list[float]:
+        return [1000 * (at - record.sent_at) - (ttft_ms + i * token_ms) for i, at in enumerate(record.arrivals)]
+
+    check_lateness(absolute, server.url)
+    assert "passed" in capsys.readouterr().out
+
+    def from_the_previous_token(record: RequestRecord, ttft_ms: float, token_ms: float) -> list[float]:
+        times = [record.sent_at, *record.arrivals]
+        return [1000 * (later - earlier) - token_ms for earlier, later in pairwise(times)]
+
+    with pytest.raises(AssertionError, match="due at sent_at"):
+        check_lateness(from_the_previous_token, server.url)
+    check_lateness(not_yet, server.url)
+    assert "not attempted yet" in capsys.readouterr().out
+
+
+def test_goodput_counts_only_done_requests_within_every_slo(capsys: pytest.CaptureFixture[str]) -> None:
+    from sse_lab.course.exercises import check_goodput
+    from sse_lab.metrics import is_good
+
+    check_goodput(lambda records, ttft, tpot, duration: sum(is_good(r, {"ttft": ttft, "tpot": tpot}) for r in records)
+                  / duration)  # fmt: skip
+    assert "passed" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="2 good requests"):
+        check_goodput(lambda records, ttft, tpot, duration: len(records) / duration)  # throughput, not goodput
+    check_goodput(not_yet)
+    assert "not attempted yet" in capsys.readouterr().out

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import statistics
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sse_lab import BackgroundServer, Settings, create_app, serve_in_background
+from sse_lab.instruments.wire import capture_chat
+from sse_lab.load import (
+    DIALECTS,
+    LoadError,
+    LoadSpec,
+    WorkerReport,
+    _StreamReader,
+    default_workers,
+    gamma_arrivals,
+    load,
+    plan,
+    report_shape,
+    summarize,
+)
+from sse_lab.metrics import PERCENTILES, RequestRecord
+
+URL = "http://127.0.0.1:8000"
+
+
+@pytest.fixture(scope="module")
+def roomy_server() -> Iterator[BackgroundServer]:
+    """The kit's server with room for every stream the tests open at once."""
+    with serve_in_background(create_app(Settings(max_concurrent_streams=500))) as running:
+        yield running
+
+
+def shape_of(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: shape_of(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+def assert_report_shape(summary: dict[str, Any]) -> None:
+    """Exactly the keys other tools read, with P = {p50, p90, p99, max, mean}."""
+    assert list(summary) == list(report_shape())
+    assert isinstance(summary["requests"], int)
+    assert all(isinstance(count, int) for count in summary["errors"].values())
+    for key in ("duration_s", "request_rate", "output_tokens_per_s"):
+        assert isinstance(summary[key], float)
+    assert summary["goodput"] is None or isinstance(summary["goodput"], float)
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms", "lateness_ms"):
+        assert summary[key] is None or list(summary[key]) == list(PERCENTILES), key
+    assert list(summary["client"]) == ["workers", "cpu_percent", "send_lag_ms"]
+    assert len(summary["client"]["cpu_percent"]) == summary["client"]["workers"]
+    assert list(summary["client"]["send_lag_ms"]) == list(PERCENTILES)
+
+
+def test_a_closed_loop_over_loopback_measures_every_token(roomy_server: BackgroundServer) -> None:
+    result = load(
+        roomy_server.url, concurrency=8, requests=16, ramp_s=0.2, max_tokens=5, ttft_ms=20, token_ms=10,
+        slo_ms={"ttft": 5_000, "tpot": 1_000}, progress=False,
+    )  # fmt: skip
+    summary = result.summary
+    assert_report_shape(summary)
+    assert summary["requests"] == 16 and summary["errors"] == {}
+    assert all(len(record.arrivals) == 5 and record.outcome == "done" for record in result.records)
+    assert summary["output_tokens_per_s"] == pytest.approx(16 * 5 / summary["duration_s"], rel=1e-4)
+    assert summary["goodput"] == pytest.approx(summary["request_rate"])  # generous SLOs: every request is good
+    # The model's own schedule: the first token 20 ms after the send, never earlier.
+    assert summary["ttft_ms"]["p50"] >= 20 and summary["lateness_ms"]["p50"] >= 0
+    assert summary["tpot_ms"]["p50"] == pytest.approx(10, abs=8)
+    assert summary["client"]["workers"] == 1
+
+
+def test_an_open_loop_sends_at_the_planned_rate(roomy_server: BackgroundServer) -> None:
+    result = load(roomy_server.url, rate=100, requests=30, max_tokens=2, ttft_ms=0, token_ms=5, progress=False)
+    sent = sorted(record.sent_at for record in result.records)
+    assert result.summary["requests"] == 30 and result.summary["errors"] == {}
+    assert 0.1 < sent[-1] - sent[0] < 1.5  # 29 gaps of 10 ms on average
+    assert result.summary["client"]["send_lag_ms"]["p50"] < 50
+
+
+def test_refusals_are_counted_as_http_429() -> None:
+    with serve_in_background(create_app(Settings(max_concurrent_streams=2))) as running:
+        result = load(running.url, concurrency=6, requests=6, max_tokens=3, ttft_ms=300, token_ms=0, progress=False)
+    errors = result.summary["errors"]
+    assert errors.get("http_429", 0) >= 3 and result.summary["requests"] == 6
+    assert all(record.status == 429 for record in result.records if record.outcome == "http_429")
+
+
+def test_a_server_that_is_not_there_is_a_connect_failure() -> None:
+    with serve_in_background() as gone:
+        url = gone.url
+    result = load(url, concurrency=2, requests=2, max_tokens=1, ttft_ms=0, token_ms=0, progress=False)
+    assert result.summary["errors"] == {"connect_failed": 2}
+    assert result.summary["ttft_ms"]["p50"] is None
+
+
+def test_several_tokens_in_one_read_arrive_together(server: BackgroundServer) -> None:
+    wire = capture_chat(server.url, "hi", max_tokens=4, ttft_ms=0, token_ms=0)
+
+    async def read(pieces: list[bytes]) -> RequestRecord:
+        record = RequestRecord(scheduled_at=0.0, sent_at=0.0)
+        reader = _StreamReader(record, DIALECTS["kit"].read)
+        for piece in pieces:
+            reader.data_received(piece)
+        return record
+
+    whole = asyncio.run(read([wire.raw]))
+    assert whole.outcome == "done" and len(whole.arrivals) == 4
+    assert len(set(whole.arrivals)) == 1  # one read: one arrival time for all four
+    byte_by_byte = asyncio.run(read([wire.raw[i : i + 1] for i in range(len(wire.raw))]))
+    assert byte_by_byte.outcome == "done" and len(byte_by_byte.arrivals) == 4
+
+
+def test_send_lag_and_worker_cpu_raise_warnings_past_their_thresholds() -> None:
+    spec = LoadSpec(URL, rate=10, requests=4)
+    on_time = [RequestRecord(scheduled_at=i, sent_at=i + 0.001, arrivals=[i + 0.1], outcome="done") for i in range(4)]
+    summary, warnings = summarize(spec, [WorkerReport(on_time, cpu_s=1.0, wall_s=4.0)])
+    assert summary["client"]["send_lag_ms"]["p50"] == pytest.approx(1.0)
+    assert summary["client"]["cpu_percent"] == [25.0]
+    assert warnings == []
+    late = [RequestRecord(scheduled_at=i, sent_at=i + 0.2, arrivals=[i + 0.3], outcome="done") for i in range(4)]
+    summary, warnings = summarize(spec, [WorkerReport(late, cpu_s=3.9, wall_s=4.0)])
+    assert summary["client"]["send_lag_ms"]["p99"] == pytest.approx(200.0)
+    assert any("send lag p99 200.0 ms" in warning for warning in warnings)
+    assert any("worker CPU 97.5 %" in warning for warning in warnings)
+
+
+def test_a_closed_loop_spreads_its_users_over_the_ramp_and_deals_them_to_workers() -> None:
+    plans = plan(LoadSpec(URL, concurrency=4, requests=10, ramp_s=2.0), workers=2)
+    starts = sorted(start for worker_plan in plans for start, _ in worker_plan.users)
+    assert starts == [0.0, 0.5, 1.0, 1.5]
+    assert sum(quota or 0 for worker_plan in plans for _, quota in worker_plan.users) == 10
+    assert [len(worker_plan.users) for worker_plan in plans] == [2, 2]
+
+
+def test_open_loop_gaps_are_gamma_with_the_asked_mean_and_burstiness() -> None:
+    poisson = gamma_arrivals(100, 1.0, 4001, None, seed=1)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(poisson)]
+    assert statistics.fmean(gaps) == pytest.approx(0.01, rel=0.1)
+    assert statistics.stdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, rel=0.1)  # exponential: CV 1
+    regular = gamma_arrivals(100, 16.0, 4001, None, seed=1)
+    regular_gaps = [later - earlier for earlier, later in itertools.pairwise(regular)]
+    assert statistics.stdev(regular_gaps) / statistics.fmean(regular_gaps) == pytest.approx(0.25, rel=0.15)
+    assert gamma_arrivals(10, 1.0, None, 1.0, seed=0)[-1] < 1.0  # a duration bounds the arrivals
+
+
+def test_enough_workers_for_the_token_rate_and_never_more_than_cores() -> None:
+    assert default_workers(LoadSpec(URL, concurrency=10, requests=10, token_ms=50)) == 1
+    heavy = LoadSpec(URL, concurrency=10_000, requests=10_000, token_ms=10)
+    assert 1 <= default_workers(heavy) <= (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"requests": 1}, "concurrency"),
+        ({"concurrency": 1}, "requests or a duration"),
+        ({"concurrency": 1, "requests": 1, "duration_s": 1.0}, "not both"),
+        ({"rate": 0, "requests": 1}, "rate"),
+        ({"concurrency": 1, "requests": 1, "slo_ms": {"itl": 5}}, "unknown SLO"),
+    ],
+)
+def test_a_load_that_cannot_be_made_is_refused_clearly(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(LoadError, match=message):
+        LoadSpec(URL, **fields)
+
+
+def test_only_loopback_servers_are_load_tested() -> None:
+    with pytest.raises(LoadError, match="only loopback"):
+        LoadSpec("http://example.com", concurrency=1, requests=1)
+    LoadSpec("http://[::1]:8000", concurrency=1, requests=1)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"HTTP/1.1\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+)
+def test_a_response_that_breaks_http_is_cut_short_not_a_crash(garbage: bytes) -> None:
+    async def read() -> RequestRecord:
+        record = RequestRecord(scheduled_at=0.0, sent_at=0.0)
+        _StreamReader(record, DIALECTS["kit"].read).data_received(garbage)
+        return record
+
+    assert asyncio.run(read()).outcome == "cut_short"
