@@ -825,7 +825,8 @@ def _stream_response(chat: ChatStream, release: Callable[[], None]) -> EventStre
         produced = decoupled(produced, options.backpressure, options.queue_max, chat.stats)
 
     def on_disconnect() -> None:
-        chat.client_gone = True
+        if chat.outcome != "send_timeout":  # a send timeout ends the stream as a disconnect does; the server cut it
+            chat.client_gone = True
 
     def on_send_timeout() -> None:
         chat.outcome = "send_timeout"
