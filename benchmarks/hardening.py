@@ -1,7 +1,7 @@
 """Before/after figures for the hardening findings, against `python -m sse_lab serve` in a child process.
 
     .venv/bin/python benchmarks/hardening.py                       # this checkout
-    .venv/bin/python benchmarks/hardening.py --python /work/main/.venv/bin/python --cwd /work/main   # another
+    .venv/bin/python benchmarks/hardening.py --python ../old/.venv/bin/python --cwd ../old   # another checkout (before)
 
 Figures (Linux: read from /proc/PID of the server):
 - rss: the server's resident memory (VmRSS) before, and its peak (VmHWM), while one connection
