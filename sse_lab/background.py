@@ -377,7 +377,7 @@ class _AcceptFailures:
 class _ServerThread:
     """The uvicorn server, its thread and loop: everything `stop()` needs, and no handle."""
 
-    def __init__(self, app: ASGIApp, sock: socket.socket, settings: Settings) -> None:
+    def __init__(self, app: ASGIApp, sock: socket.socket, settings: Settings, loop: str) -> None:
         self.closing_app = _Closing(app)
         protocol = functools.partial(
             GuardedHttpToolsProtocol,
@@ -394,6 +394,7 @@ class _ServerThread:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=STOP_TIMEOUT_S / 2,
+            loop=loop,
         )
         self.server = uvicorn.Server(config)
         self.sock = sock
@@ -533,8 +534,12 @@ def serve_in_background(
     host: str = "127.0.0.1",
     port: int = 0,
     startup_timeout_s: float = 10.0,
+    loop: str = "auto",
 ) -> BackgroundServer:
     """Start `app` (default: `create_app()`) on its own thread and return once it accepts connections.
+
+    `loop` is uvicorn's: "auto" (uvloop when installed, as `uvicorn.run` picks) or
+    "asyncio", whose transports notebook 05 measures (their write-buffer marks).
 
     It binds loopback and a free port unless told otherwise. Keep the handle: the
     server stops when it is garbage collected, which is how re-running a notebook
@@ -554,7 +559,7 @@ def serve_in_background(
     sock = _bind(host, port)
     port = sock.getsockname()[1]
     app = create_app() if app is None else app
-    running = _ServerThread(app, sock, _settings_of(app))
+    running = _ServerThread(app, sock, _settings_of(app), loop)
     running.start(startup_timeout_s)
     _by_address[(host, port)] = running
     return BackgroundServer(running, host, port)

@@ -7,7 +7,7 @@
                                                     serves one generation at a time: the wait
                                                     is part of the client's TTFT)
                                                     tokenize the chat prompt, prefill
-      await pieces.get() ◀── call_soon_threadsafe ── llm.generate() at a lower CPU priority, one token at a time,
+      await pieces.get() ◀── call_soon_threadsafe ── llm.generate(): one token at a time,
         (at most `queue_max` pieces in flight:         decoded incrementally as UTF-8, so a
          the thread waits for room)                    piece never ends inside a character
       aclose() / cancel ── stop.set() ───────────▶  checked before every token: the C loop
@@ -222,7 +222,6 @@ class LlamaModel:
                 loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
         def work() -> None:
-            _yield_to_the_event_loop()
             try:
                 for text in self._generate(request, stop):
                     while not room.acquire(timeout=_LOCK_POLL_S):
@@ -309,20 +308,6 @@ def chat_prompt(llm: Any, prompt: str) -> str:
     formatter = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token=bos)
     text: str = formatter(messages=[{"role": "user", "content": prompt}]).prompt
     return text
-
-
-GENERATION_NICENESS = 10  # added to the worker thread's nice value: below the event loop's priority
-
-
-def _yield_to_the_event_loop() -> None:
-    """Lower the calling thread's CPU priority (Linux threads have their own nice value).
-
-    On a busy machine the scheduler then runs the event loop's thread first: the loop
-    only ever waits and sends, so a core shared with the model still serves its streams
-    on time, and the model takes what is left.
-    """
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the default priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), GENERATION_NICENESS)
 
 
 _log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it

@@ -510,8 +510,10 @@ def check_first_token_at(first_token_at: Callable[[int, int, float], float], chr
 def check_tokens_in_flight(predict: Callable[[int, int, int, float], float]) -> None:
     """Exercise 05.1: `predict(server_sndbuf, client_rcvbuf, high_water, event_bytes)` estimates a stalled pull stream.
 
-    The estimate must be within 40 % of the tokens a real stalled stream made the
-    model produce, for two buffer shapes (sizes as getsockopt reports them).
+    The estimate must be between 0.6 and 1.75 times the tokens a real stalled stream
+    made the model produce, for two buffer shapes (sizes as getsockopt reports them:
+    Linux doubles what was asked for and keeps part of it for its own bookkeeping, so
+    the buffers' sum is an upper bound, reached more or less closely).
     """
     from ..experiments.backpressure import stall  # imported here: this section stays self-contained
 
@@ -522,7 +524,7 @@ def check_tokens_in_flight(predict: Callable[[int, int, int, float], float]) -> 
         run = stall(stall_s=3.0, rcvbuf=rcvbuf, sndbuf=sndbuf, max_tokens=50_000)
         last = run.last
         predicted = predict(last.server_sndbuf, last.client_rcvbuf, run.high_water, run.event_bytes)
-        assert 0.6 * last.tokens_produced <= predicted <= 1.4 * last.tokens_produced, (
+        assert 0.6 * last.tokens_produced <= predicted <= 1.75 * last.tokens_produced, (
             f"SO_SNDBUF {last.server_sndbuf}, SO_RCVBUF {last.client_rcvbuf}, high-water mark {run.high_water}, "
             f"{run.event_bytes:.0f} bytes per event: you predicted {predicted:.0f} tokens, the model made "
             f"{last.tokens_produced}. Which buffers hold bytes the reader has not read, and in what unit?"

@@ -189,7 +189,7 @@ def stall(
     counted = _CountWrites(create_app(_stream_settings(max_tokens)))
     params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0, "backpressure": policy, "queue_max": queue_max}
     samples: list[BufferSample] = []
-    with serve_in_background(counted) as server:
+    with serve_in_background(counted, loop="asyncio") as server:
         if sndbuf is not None:
             fix_send_buffer(server, sndbuf)
         started = time.perf_counter()
@@ -504,7 +504,7 @@ def send_timeout(timeout_s: float = 0.3, *, policy: str = "pull", max_tokens: in
     """
     settings = replace(_stream_settings(max_tokens), max_concurrent_streams=1, send_timeout_s=timeout_s)
     params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0, "backpressure": policy}
-    with serve_in_background(create_app(settings)) as server:
+    with serve_in_background(create_app(settings), loop="asyncio") as server:
         fix_send_buffer(server, 4_096)
         with _raw_stream(server.host, server.port, params, 4_096) as sock:
             _read_head(sock)
@@ -525,7 +525,7 @@ def paused_reader_survives(timeout_s: float, pause_s: float, *, max_tokens: int 
     """
     settings = replace(_stream_settings(max_tokens), send_timeout_s=timeout_s)
     params = {"max_tokens": max_tokens, "ttft_ms": 0, "token_ms": 0}
-    with serve_in_background(create_app(settings)) as server:
+    with serve_in_background(create_app(settings), loop="asyncio") as server:
         fix_send_buffer(server, 4_096)
         with _raw_stream(server.host, server.port, params, 4_096) as sock:
             _, tail = _read_head(sock)

@@ -264,7 +264,9 @@ def _serve_until_stdin_closes(
         max_concurrent_streams=max_concurrent_streams,
     )
     app = create_app(settings)
-    with serve_in_background(app if write_buffer_high is None else WriteBufferLimit(app, write_buffer_high)) as server:
+    with serve_in_background(
+        app if write_buffer_high is None else WriteBufferLimit(app, write_buffer_high), loop="asyncio"
+    ) as server:
         if sndbuf is not None:
             fix_send_buffer(server, sndbuf)
         print(server.url, flush=True)

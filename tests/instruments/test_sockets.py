@@ -30,7 +30,7 @@ def test_kernel_buffers_hold_what_was_sent_and_not_read() -> None:
 
 def test_a_stalled_reader_fills_the_transport_to_its_high_water_mark_and_pauses_the_app() -> None:
     settings = Settings(max_tokens_limit=100_000, context_window=200_000)
-    with serve_in_background(create_app(settings)) as server:
+    with serve_in_background(create_app(settings), loop="asyncio") as server:
         fix_send_buffer(server, 4_096)
         with socket.create_connection((server.host, server.port)) as stalled:
             stalled.sendall(STALLING)
@@ -47,7 +47,7 @@ def test_a_stalled_reader_fills_the_transport_to_its_high_water_mark_and_pauses_
 def test_write_buffer_limit_lowers_the_transports_high_water_mark() -> None:
     settings = Settings(max_tokens_limit=100_000, context_window=200_000)
     with (
-        serve_in_background(WriteBufferLimit(create_app(settings), 4_096)) as server,
+        serve_in_background(WriteBufferLimit(create_app(settings), 4_096), loop="asyncio") as server,
         socket.create_connection((server.host, server.port)) as stalled,
     ):
         stalled.sendall(STALLING)
