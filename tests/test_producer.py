@@ -81,16 +81,18 @@ def test_settings_choose_the_policy_of_every_stream() -> None:
 
 
 def test_a_resumed_coalesce_stream_ends_with_exactly_the_uninterrupted_text() -> None:
-    params = {"backpressure": "coalesce", "queue_max": 3, "max_tokens": 200, "ttft_ms": 0, "token_ms": 0}
-    whole = "".join(sim_tokens(PROMPT, 200))
-    app = SlowLink(DropConnections(create_app(Settings(retry_ms=10)), after_events=4), chunk_bytes=16, pause_s=0.001)
+    # The model makes a token a millisecond and the link takes about 16 bytes one (a token event is about 65):
+    # the queue fills at once and stays full, so the events before the cut are merged ones.
+    params = {"backpressure": "coalesce", "queue_max": 3, "max_tokens": 300, "ttft_ms": 0, "token_ms": 1}
+    whole = "".join(sim_tokens(PROMPT, 300))
+    app = SlowLink(DropConnections(create_app(Settings(retry_ms=10)), after_events=8), chunk_bytes=16, pause_s=0.001)
     with serve_in_background(app) as server:
         resumed = stream_chat(server.url, PROMPT, **params)
     (drop,) = resumed.drops
-    counts = [json.loads(received.event.data).get("count", 1) for received in resumed.events[:3]]
+    counts = [json.loads(received.event.data).get("count", 1) for received in resumed.events[:8]]
     assert max(counts) > 1  # merged events before the drop: resumption starts after the last of their tokens
-    assert int(drop.last_event_id) > 3
-    assert resumed.text == whole and resumed.tokens == 200
+    assert int(drop.last_event_id) > 7
+    assert resumed.text == whole and resumed.tokens == 300
 
 
 @dataclass
