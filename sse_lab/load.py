@@ -458,7 +458,8 @@ async def _run_worker(spec: LoadSpec, worker_plan: WorkerPlan, t0: float, worker
         await sleep_until(scheduled)
         while True:
             now = time.perf_counter()
-            measured = now >= warm_until
+            # Without a warm-up every request counts: a sleep that wakes a hair before t0 must not make one uncounted
+            measured = not spec.warmup_s or now >= warm_until
             if (quota is not None and counted >= quota) or (stop_at is not None and now >= stop_at):
                 return
             record = await _one_request(spec, dialect, address, scheduled, next(seeds), measured)
