@@ -2,8 +2,9 @@
 
 The SSE endpoint's `ChatStream` yields bytes already framed as events; the other
 transports frame tokens their own way (a WebSocket message, a Protobuf message, a
-JSON list in a poll's answer), so they share this plain-message version instead:
-`TokenRun.messages()` yields `Token`, then `Done` or `Failed`. Parameters go
+JSON list in a poll's answer), so `TokenRun` runs the same loop (`ChatStream.events`:
+context window, model failures, blocklist, `fail_after`, counting) with its output
+hooks returning plain messages: `TokenRun.messages()` yields `Token`, then `Done` or `Failed`. Parameters go
 through the server's own `parse_request` and `parse_stream_options` (so a bad
 `token_ms` is refused with the same reason on every transport), and the run
 counts itself into the app's `StreamStats` exactly as a stream does: active,
@@ -13,8 +14,7 @@ completed, failed, cancelled, tokens generated and wasted.
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
@@ -22,16 +22,14 @@ from starlette.requests import Request
 
 from ..model import GenerationRequest, TokenSource
 from ..server import (
+    ChatStream,
     InvalidParameter,
     Settings,
     StreamOptions,
     StreamStats,
-    TooManyStreams,
     parse_request,
     parse_stream_options,
 )
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,13 +82,10 @@ def parse_chat(
 
 def take_slot(settings: Settings, stats: StreamStats) -> None:
     """Count a new generation as active, or raise TooManyStreams when every slot is taken (SSE streams included)."""
-    if stats.streams_active >= settings.max_concurrent_streams:
-        stats.streams_rejected += 1
-        raise TooManyStreams
-    stats.streams_active += 1
+    stats.open_stream(settings.max_concurrent_streams)
 
 
-class TokenRun:
+class TokenRun(ChatStream):
     """One generation, its slot already taken (`take_slot`): `messages()` yields Token..., then Done or Failed.
 
     Set `client_gone` when the client leaves: tokens produced after that count as
@@ -103,55 +98,29 @@ class TokenRun:
         source: TokenSource,
         generation: GenerationRequest,
         options: StreamOptions,
+        settings: Settings,
         stats: StreamStats,
     ) -> None:
-        self.source = source
-        self.generation = generation
-        self.options = options
-        self.stats = stats
-        self.client_gone = False
-        self.outcome = "cancelled"  # until it ends on its own
+        super().__init__(source, generation, options, settings, stats)
         self._ended = False
 
-    async def messages(self) -> AsyncGenerator[Message, None]:
-        generation, options = self.generation, self.options
-        tokens: AsyncIterator[str] = aiter(self.source(generation))
-        index = 0
-        try:
-            while index < generation.max_tokens:
-                if options.prompt_tokens + index >= options.context_window:
-                    message = f"{options.prompt_tokens} prompt tokens + {index} generated fill the window"
-                    yield self._failed("context_length_exceeded", message)
-                    return
-                try:
-                    token = await anext(tokens)
-                except StopAsyncIteration:
-                    break
-                except Exception as failure:  # one line in the log, no traceback in a notebook
-                    logger.warning("model failed after %d tokens: %r", index, failure)
-                    yield self._failed("model_error", f"the model failed after {index} tokens")
-                    return
-                self.stats.tokens_generated += 1
-                if self.client_gone:
-                    self.stats.tokens_wasted += 1
-                if any(word.casefold() in token.casefold() for word in options.blocklist):
-                    yield self._failed("content_filter", f"token {index} was withheld by the content filter")
-                    return
-                yield Token(token, index)
-                index += 1
-            self.outcome = "completed"
-            yield Done("length" if index >= generation.max_tokens else "stop", index)
-        finally:
-            aclose = getattr(tokens, "aclose", None)
-            if aclose is not None:
-                await aclose()
+    def messages(self) -> AsyncGenerator[Message, None]:
+        return self.events()  # type: ignore[return-value]  # the hooks below make its items messages
+
+    def opening(self) -> bytes:
+        return b""  # no `retry` line: these transports do not reconnect by themselves
+
+    def token_event(self, token: str, index: int) -> Token:  # type: ignore[override]
+        return Token(token, index)
+
+    def done_event(self, finish_reason: str, tokens: int) -> Done:  # type: ignore[override]
+        return Done(finish_reason, tokens)
+
+    def error_event(self, code: str, message: str) -> Failed:  # type: ignore[override]
+        return Failed(code, message)
 
     def end(self) -> None:
         """Give the slot back, counting the outcome: completed, failed, or cancelled (the client left or asked)."""
         if not self._ended:
             self._ended = True
             self.stats.stream_ended("cancelled" if self.client_gone else self.outcome)
-
-    def _failed(self, code: str, message: str) -> Failed:
-        self.outcome = "failed"
-        return Failed(code, message)

@@ -64,7 +64,7 @@ class _ChatServicer(chat_pb2_grpc.ChatServicer):
         except TooManyStreams:
             details = f"all {self.settings.max_concurrent_streams} stream slots are taken; try again shortly"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
-        run = TokenRun(source, generation, options, self.stats)
+        run = TokenRun(source, generation, options, self.settings, self.stats)
         messages = run.messages()
         deadline = asyncio.get_running_loop().time() + self.settings.max_stream_s
         try:

@@ -195,7 +195,7 @@ def long_poll_routes(
             held.pop(min(finished, key=lambda key: held[key].last_seen)).task.cancel()
         take_slot(settings, stats)
         generation_id = secrets.token_urlsafe(12)
-        run = TokenRun(source, generation, options, stats)
+        run = TokenRun(source, generation, options, settings, stats)
         held[generation_id] = PolledGeneration(
             run, limits, settings.max_stream_s, lambda: held.pop(generation_id, None)
         )

@@ -113,7 +113,7 @@ def websocket_route(settings: Settings, models: Mapping[str, TokenSource], stats
             error = {"type": "error", "code": "too_many_streams", "message": reason}
             await _last_words(websocket, error, CLOSE_TRY_AGAIN_LATER)
             return
-        await _stream(websocket, TokenRun(source, generation, options, stats), settings.max_stream_s)
+        await _stream(websocket, TokenRun(source, generation, options, settings, stats), settings.max_stream_s)
 
     return WebSocketRoute(PATH, chat)
 

@@ -42,7 +42,7 @@ def test_a_prompt_too_long_for_the_window_is_refused_like_on_the_stream() -> Non
 def test_a_run_yields_tokens_then_done_and_counts_itself() -> None:
     stats = StreamStats()
     take_slot(Settings(), stats)
-    run = TokenRun(MODELS["echo"], GenerationRequest("a b c", ttft_ms=0, token_ms=0), _options(), stats)
+    run = TokenRun(MODELS["echo"], GenerationRequest("a b c", ttft_ms=0, token_ms=0), _options(), Settings(), stats)
     assert run_to_the_end(run) == [Token("a", 0), Token(" b", 1), Token(" c", 2), Done("stop", 3)]
     assert (stats.streams_active, stats.streams_completed, stats.tokens_generated) == (0, 1, 3)
 
@@ -51,7 +51,7 @@ def test_the_content_filter_withholds_the_token_and_fails_the_run() -> None:
     stats = StreamStats()
     take_slot(Settings(), stats)
     options = _options(blocklist=("bad",))
-    run = TokenRun(MODELS["echo"], GenerationRequest("ok bad ok", ttft_ms=0, token_ms=0), options, stats)
+    run = TokenRun(MODELS["echo"], GenerationRequest("ok bad ok", ttft_ms=0, token_ms=0), options, Settings(), stats)
     messages = run_to_the_end(run)
     assert messages[0] == Token("ok", 0) and isinstance(messages[1], Failed) and messages[1].code == "content_filter"
     assert len(messages) == 2 and stats.streams_failed == 1
