@@ -13,7 +13,6 @@ import logging
 import math
 import signal
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -25,6 +24,7 @@ from starlette.types import ASGIApp
 
 from .access_log import AccessLog
 from .background import ServerStartError, serve_in_background
+from .collector import collect_forever, steady_collection
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
 from .server import Settings, create_app
@@ -187,7 +187,10 @@ def _log_to_terminal() -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    """Serve the chat app in the foreground until Ctrl-C or SIGTERM, then say it stopped."""
+    """Serve the chat app in the foreground until Ctrl-C or SIGTERM, then say it stopped.
+
+    The process is the server's alone, so its garbage collector is tuned for streams (`sse_lab.collector`).
+    """
     _log_to_terminal()
     if warning := network_warning(args.host):
         print(warning, file=sys.stderr, flush=True)
@@ -202,7 +205,8 @@ def serve(args: argparse.Namespace) -> None:
             print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
             print(f"  open the page: {server.url}/", flush=True)
             print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
-            threading.Event().wait()
+            steady_collection()  # this process only serves: no collector pauses while streams pile up
+            collect_forever()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -20,12 +20,16 @@ the notebooks would blame that drift on the transport.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
+import operator
 import random
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import count as indices
-from itertools import islice
+from itertools import islice, repeat
 
 
 @dataclass(frozen=True)
@@ -91,13 +95,15 @@ def _words(rng: random.Random) -> Iterator[str]:
 
 def _due_ms(request: GenerationRequest) -> Iterator[float]:
     """Each token's due time in ms after generation starts, without end."""
-    jitter = random.Random(f"jitter:{request.seed}")
     prefill_ms = request.ttft_ms
     if request.ttft_per_prompt_token_ms:
         prefill_ms += request.ttft_per_prompt_token_ms * prompt_tokens(request.prompt)
-    for index in indices():
-        due = prefill_ms + index * request.token_ms
-        yield due + jitter.uniform(0, request.jitter_ms) if request.jitter_ms else due
+    # prefill_ms + index x token_ms for index 0, 1, 2, ...: built of itertools, no Python frame per token
+    schedule = map(operator.add, repeat(prefill_ms), map(operator.mul, repeat(request.token_ms), indices()))
+    if not request.jitter_ms:
+        return schedule
+    jitter = random.Random(f"jitter:{request.seed}")
+    return (due + jitter.uniform(0, request.jitter_ms) for due in schedule)
 
 
 def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
@@ -113,12 +119,74 @@ def schedule_ms(request: GenerationRequest, count: int) -> list[float]:
     return list(islice(_due_ms(request), count))
 
 
+class _Ticks:
+    """One timer for the paced tokens of every stream on an event loop, instead of a timer per token.
+
+    `asyncio.sleep` arms a timer of its own for each token: thousands of streams at
+    20 tokens/s arm and fire tens of thousands a second. Here a token waits on a
+    future in a heap, and one timer, armed for the earliest, wakes every token
+    that is due, at most once per `TICK_S`. A token is then up to one tick late,
+    as it would be with asyncio's timers anyway (uvloop's run on a millisecond
+    clock). A stream cancelled while it waits leaves its future in the heap until
+    it is due; it is skipped then. (The loop is passed in, not kept: kept, it
+    would keep itself alive as a key of `_ticks_by_loop`.)
+    """
+
+    TICK_S = 0.001
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[float, int, asyncio.Future[None]]] = []  # (due, tie-breaker, future)
+        self.added = 0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = math.inf
+
+    def at(self, loop: asyncio.AbstractEventLoop, when: float) -> asyncio.Future[None]:
+        """A future that is done at `loop`'s time `when`."""
+        future = loop.create_future()
+        self.added += 1
+        heapq.heappush(self.waiting, (when, self.added, future))
+        if when < self.timer_at:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer, self.timer_at = loop.call_at(when, self._fire, loop), when
+        return future
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        waiting = self.waiting
+        while waiting and waiting[0][0] <= now:
+            future = heapq.heappop(waiting)[2]
+            if not future.done():  # done: cancelled with its stream
+                future.set_result(None)
+        if waiting:
+            self.timer_at = max(waiting[0][0], now + self.TICK_S)
+            self.timer = loop.call_at(self.timer_at, self._fire, loop)
+        else:
+            self.timer, self.timer_at = None, math.inf
+
+
+_ticks_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticks] = weakref.WeakKeyDictionary()
+
+
+def _ticks(loop: asyncio.AbstractEventLoop) -> _Ticks:
+    """The shared token timer of `loop`, made on first use."""
+    ticks = _ticks_by_loop.get(loop)
+    if ticks is None:
+        ticks = _ticks_by_loop[loop] = _Ticks()
+    return ticks
+
+
 async def _paced(tokens: Iterable[str], request: GenerationRequest) -> AsyncIterator[str]:
     """Release tokens on the request's absolute schedule, holding one at a time."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+    ticks = _ticks(loop)
     for token, due_ms in zip(tokens, _due_ms(request), strict=False):  # the schedule is endless
-        await asyncio.sleep(max(0.0, start + due_ms / 1000 - loop.time()))
+        due = start + due_ms / 1000
+        if due > loop.time():
+            await ticks.at(loop, due)
+        else:
+            await asyncio.sleep(0)  # on time or behind: still let the other streams run
         yield token
 
 
@@ -128,11 +196,11 @@ def sim_tokens(prompt: str, max_tokens: int, seed: int = 0) -> list[str]:
     >>> "".join(sim_tokens("hi", 5))
     'The first token arrives after'
     """
-    return list(_sim_words(prompt, max_tokens, seed))
+    return list(islice(_sim_words(prompt, seed), max_tokens))
 
 
-def _sim_words(prompt: str, max_tokens: int, seed: int) -> Iterator[str]:
-    return islice(_words(random.Random(f"text:{seed}:{prompt}")), max_tokens)
+def _sim_words(prompt: str, seed: int) -> Iterator[str]:
+    return _words(random.Random(f"text:{seed}:{prompt}"))
 
 
 def sim(request: GenerationRequest) -> AsyncIterator[str]:
@@ -141,7 +209,7 @@ def sim(request: GenerationRequest) -> AsyncIterator[str]:
     It never stops on its own, so its finish reason is always "length". Tokens are
     made one at a time, so a long stream holds no more than one in memory.
     """
-    words = islice(_sim_words(request.prompt, request.max_tokens, request.seed), request.resume_from, None)
+    words = islice(_sim_words(request.prompt, request.seed), request.resume_from, request.max_tokens)
     return _paced(words, request)
 
 

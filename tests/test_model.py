@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -114,3 +115,61 @@ def test_a_slow_consumer_does_not_push_the_schedule_back(source: TokenSource) ->
     on_schedule = ((tokens - 1) * token_ms + consumer_ms) / 1000
     drifting = tokens * (token_ms + consumer_ms) / 1000
     assert elapsed < (on_schedule + drifting) / 2
+
+
+def test_paced_streams_wait_in_one_heap_under_one_timer() -> None:
+    from sse_lab.model import _ticks
+
+    async def scenario() -> tuple[int, bool]:
+        request = GenerationRequest("", max_tokens=3, ttft_ms=60_000, token_ms=10)
+        firsts = [asyncio.ensure_future(anext(aiter(sim(request)))) for _ in range(50)]
+        ticks = _ticks(asyncio.get_running_loop())
+        deadline = time.monotonic() + 5
+        while len(ticks.waiting) < 50 and time.monotonic() < deadline:
+            await asyncio.sleep(0)
+        waiting, one_timer = len(ticks.waiting), ticks.timer is not None
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        return waiting, one_timer
+
+    assert asyncio.run(scenario()) == (50, True)
+
+
+def test_no_paced_token_is_released_before_it_is_due() -> None:
+    tokens, token_ms = 5, 10
+
+    async def stream(ttft_ms: int) -> list[float]:
+        loop = asyncio.get_running_loop()
+        request = GenerationRequest("", max_tokens=tokens, ttft_ms=ttft_ms, token_ms=token_ms)
+        start = loop.time()
+        due = [start + ms / 1000 for ms in schedule_ms(request, tokens)]
+        early = []
+        index = 0
+        async for _ in sim(request):
+            early.append(due[index] - loop.time())
+            index += 1
+        return early
+
+    async def everyone() -> list[list[float]]:
+        return await asyncio.gather(*(stream(index % 7) for index in range(50)))
+
+    runs = asyncio.run(everyone())
+    assert all(len(run) == tokens for run in runs)
+    assert max(max(run) for run in runs) <= 0
+
+
+def test_a_stream_cancelled_while_it_waits_leaves_the_others_on_time() -> None:
+    async def scenario() -> list[str]:
+        request = GenerationRequest("", max_tokens=3, ttft_ms=20, token_ms=5)
+        doomed = asyncio.ensure_future(anext(aiter(sim(request))))
+        survivor = asyncio.ensure_future(_collect(sim(request)))
+        await asyncio.sleep(0.005)
+        doomed.cancel()
+        return await asyncio.wait_for(survivor, timeout=5)
+
+    assert len(asyncio.run(scenario())) == 3
+
+
+async def _collect(tokens: AsyncIterator[str]) -> list[str]:
+    return [token async for token in tokens]

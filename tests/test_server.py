@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import shutil
@@ -9,6 +10,7 @@ import statistics
 import subprocess
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -524,8 +526,11 @@ def test_token_events_built_in_one_step_equal_encode_event(token: str, index: in
     assert token_event(token, index) == expected
 
 
-def test_an_open_stream_costs_two_tasks_its_request_and_its_disconnect_watcher() -> None:
-    """Regression: each stream used to hold seven (work, watcher, wait_for, heartbeat, two in the closing wrapper)."""
+def test_an_open_stream_costs_three_tasks_its_request_its_events_and_its_disconnect_watcher() -> None:
+    """Regression: each stream used to hold seven (work, watcher, wait_for, heartbeat, two in the closing wrapper).
+
+    The events have a task of their own so that each wake-up resumes a few frames, not the middleware's twenty.
+    """
 
     async def count_tasks(request: GenerationRequest) -> AsyncIterator[str]:
         yield str(len(asyncio.all_tasks()))
@@ -542,7 +547,24 @@ def test_an_open_stream_costs_two_tasks_its_request_and_its_disconnect_watcher()
                     )
                     assert response.status_code == 200
                 busy = int(events(url, prompt="hi", model="count", max_tokens=1)[0][2]["token"])
-    assert 2 * 20 <= busy - idle <= 2 * 20 + 2  # a request just finished may not have left yet
+    assert 3 * 20 <= busy - idle <= 3 * 20 + 3  # a request just finished may not have left yet
+
+
+def test_the_shared_timers_keep_no_stopped_server_loop_alive() -> None:
+    """Regression: the heartbeat and token timers, kept per loop, held their loop, so no loop was ever freed."""
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def report_loop(request: GenerationRequest) -> AsyncIterator[str]:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        yield "here"
+
+    for _ in range(3):
+        with serve_in_background(create_app(models={"loop": report_loop})) as running:
+            url = running.url + "/api/chat/stream"
+            events(url, prompt="hi", max_tokens=3, ttft_ms=1, token_ms=1)  # the token timer and the heartbeats
+            events(url, prompt="hi", model="loop", max_tokens=1)
+    gc.collect()
+    assert len(loops) == 3 and all(loop() is None for loop in loops)
 
 
 def test_one_timer_keeps_the_heartbeat_cadence_of_each_stream() -> None:
@@ -565,11 +587,22 @@ def test_one_timer_keeps_the_heartbeat_cadence_of_each_stream() -> None:
 def test_ended_streams_leave_the_heartbeat_timer() -> None:
     from sse_lab.server import _heartbeat_timers
 
-    with serve_in_background(create_app(Settings(heartbeat_s=3_600))) as running:
-        for _ in range(200):
-            raw_stream(running.url, prompt="hi", max_tokens=1, ttft_ms=0)
-        timers = [timer for timer in list(_heartbeat_timers.values()) if timer.loop.is_running()]
-        assert timers and all(len(timer.due) <= 2 * timer.live + 64 for timer in timers)  # not 200 waiting an hour
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def report_loop(request: GenerationRequest) -> AsyncIterator[str]:
+        loops.append(asyncio.get_running_loop())
+        yield "here"
+
+    app = create_app(Settings(heartbeat_s=3_600), models={"loop": report_loop})
+    with serve_in_background(app) as running, httpx.Client(trust_env=False, timeout=10) as client:
+        held = client.stream("GET", running.url + "/api/chat/stream", params={"prompt": "hi", "ttft_ms": 60_000})
+        with held as response:  # one stream stays open, so the timer has a live stream to keep
+            assert response.status_code == 200
+            for _ in range(200):
+                raw_stream(running.url, prompt="hi", max_tokens=1, ttft_ms=0)
+            events(running.url + "/api/chat/stream", prompt="hi", model="loop", max_tokens=1)
+            timer = _heartbeat_timers[loops[0]]
+            assert len(timer.due) <= 2 * timer.live + 64  # not 200 waiting an hour
 
 
 def test_a_stream_cut_by_the_time_limit_counts_as_failed() -> None:

@@ -1,7 +1,8 @@
 """How many users can one server stream to? The kit's server against the usual ways to write one.
 
 Every server here runs in a process of its own on uvicorn with the same settings
-(httptools, uvloop, access log off), streams the same event bytes on the same
+(httptools, uvloop, access log off, the garbage collector of `sse_lab.collector`,
+as `python -m sse_lab serve` sets it), streams the same event bytes on the same
 absolute schedule (token i due at the request's start + i x token_ms, one
 `asyncio.sleep` per token) and is read by the same load generator
 (`sse_lab.load`, in processes of its own):
@@ -54,6 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tqdm.auto import tqdm
 
+from ..collector import steady_collection
 from ..load import LoadSpec, run_load
 from ..metrics import percentiles
 from ..model import sim_tokens
@@ -217,6 +219,7 @@ def _serve_comparison(name: str) -> None:
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, backlog=2048)
     server = uvicorn.Server(config)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
+    steady_collection()  # the garbage collector as `python -m sse_lab serve` sets it: the same for every server
     server.run(sockets=[sock])
 
 
