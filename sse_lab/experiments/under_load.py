@@ -7,21 +7,31 @@
   with the same mean number of streams in flight (Little's law: rate = C / the
   mean stream duration).
 - `in_flight`, `token_lateness_ms`: what to plot from the records.
+- `collector_pause`: what one full garbage collection costs a server holding many
+  streams, which is why `python -m sse_lab serve` tunes its collector (`sse_lab.collector`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import math
+import socket
 import threading
+import time
 from collections.abc import Coroutine, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 from tqdm.auto import tqdm
 
-from ..client import astream_chat
+from ..background import serve_in_background
+from ..client import astream_chat, fetch_stats
 from ..load import LoadResult, LoadSpec, run_load
 from ..metrics import ChatResult, RequestRecord, lateness
+from ..server import Settings, create_app
 
 PROMPT = "How many users can one server stream to?"
 T = TypeVar("T")
@@ -141,3 +151,65 @@ def in_flight(records: Sequence[RequestRecord]) -> tuple[list[float], list[int]]
         times.append(at)
         counts.append(open_now)
     return times, counts
+
+
+@dataclass(frozen=True)
+class CollectorPause:
+    """One full garbage collection of a process serving `streams` open streams, against the same process idle.
+
+    objects_per_stream: the objects the collector tracks that each open stream adds
+    (len(gc.get_objects()) with the streams open minus before, divided by
+    `streams`; the client's socket object is one of them). idle_ms, open_ms: how
+    long `gc.collect()` took, the fastest of `FULL_COLLECTION_RUNS` runs each (noise
+    only adds). Nothing else runs in the process meanwhile, the server included:
+    the pause stops every stream.
+    """
+
+    streams: int
+    objects_per_stream: float
+    idle_ms: float
+    open_ms: float
+
+    @property
+    def ms_per_1000_streams(self) -> float:
+        """What 1,000 more open streams add to each full collection, in ms."""
+        return 1000 * (self.open_ms - self.idle_ms) / self.streams
+
+
+FULL_COLLECTION_RUNS = 5
+
+
+def _fastest_full_collection_ms() -> float:
+    fastest = math.inf
+    for _ in range(FULL_COLLECTION_RUNS):
+        started = time.perf_counter()
+        gc.collect()
+        fastest = min(fastest, 1000 * (time.perf_counter() - started))
+    return fastest
+
+
+def collector_pause(streams: int = 400, timeout_s: float = 30.0) -> CollectorPause:
+    """Time a full collection of this process with an in-kernel server holding `streams` open streams, and without.
+
+    The streams wait on a prefill of a minute (opened with raw sockets, no client
+    library), so the collector finds them as a server under load holds them: their
+    tasks, coroutines, request and response alive. They are closed, and the server
+    stopped, however it ends.
+    """
+    query = urlencode({"prompt": PROMPT, "ttft_ms": 60_000, "heartbeat_s": 3_600})
+    with serve_in_background(create_app(Settings(max_concurrent_streams=streams))) as server:
+        request = f"GET /api/chat/stream?{query} HTTP/1.1\r\nHost: {server.host}:{server.port}\r\n\r\n".encode()
+        idle_ms = _fastest_full_collection_ms()
+        before = len(gc.get_objects())
+        with contextlib.ExitStack() as open_streams:
+            for _ in range(streams):
+                sock = open_streams.enter_context(socket.create_connection((server.host, server.port)))
+                sock.sendall(request)
+            deadline = time.monotonic() + timeout_s
+            while fetch_stats(server.url)["streams_active"] < streams:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{streams} streams did not open within {timeout_s} s")
+                time.sleep(0.01)
+            objects_per_stream = (len(gc.get_objects()) - before) / streams
+            open_ms = _fastest_full_collection_ms()
+    return CollectorPause(streams, round(objects_per_stream, 1), round(idle_ms, 2), round(open_ms, 2))

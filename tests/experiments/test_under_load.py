@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from sse_lab import BackgroundServer
-from sse_lab.experiments.under_load import client_bottleneck, in_flight, token_lateness_ms
+from sse_lab.experiments.under_load import client_bottleneck, collector_pause, in_flight, token_lateness_ms
 from sse_lab.metrics import RequestRecord
 
 
@@ -29,3 +29,10 @@ def test_both_clients_read_every_token_of_the_same_streams(server: BackgroundSer
     for records in read.values():
         assert [len(record.arrivals) for record in records] == [5] * 4
         assert all(record.outcome == "done" for record in records)
+
+
+def test_each_open_stream_gives_a_full_collection_objects_to_walk() -> None:
+    pause = collector_pause(streams=30)
+    assert pause.streams == 30
+    assert pause.objects_per_stream > 50  # tasks, coroutines, the request, the response: about 150
+    assert pause.idle_ms > 0 and pause.open_ms > 0
