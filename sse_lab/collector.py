@@ -26,8 +26,6 @@ from __future__ import annotations
 import gc
 import time
 
-__all__ = ["FULL_COLLECTION_EVERY_S", "collect_forever", "steady_collection"]
-
 FULL_COLLECTION_EVERY_S = 60.0
 _NEVER = 2**31 - 1  # the largest threshold gc.set_threshold takes: full collections only when asked for
 

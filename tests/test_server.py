@@ -20,7 +20,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jupyter_client.manager import start_new_kernel
 
-from sse_lab import BackgroundServer, GenerationRequest, Settings, create_app, serve_in_background, sim, stream_chat
+from sse_lab import (
+    BackgroundServer,
+    GenerationRequest,
+    Settings,
+    TokenSource,
+    create_app,
+    serve_in_background,
+    sim,
+    stream_chat,
+)
 from tests.conftest import NASTY_PROMPTS, wait_for
 
 
@@ -552,19 +561,26 @@ def test_an_open_stream_costs_three_tasks_its_request_its_events_and_its_disconn
 
 def test_the_shared_timers_keep_no_stopped_server_loop_alive() -> None:
     """Regression: the heartbeat and token timers, kept per loop, held their loop, so no loop was ever freed."""
-    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
-
-    async def report_loop(request: GenerationRequest) -> AsyncIterator[str]:
-        loops.append(weakref.ref(asyncio.get_running_loop()))
-        yield "here"
-
+    loops: list[asyncio.AbstractEventLoop] = []
     for _ in range(3):
-        with serve_in_background(create_app(models={"loop": report_loop})) as running:
+        with serve_in_background(create_app(models={"loop": reporting_its_loop(loops)})) as running:
             url = running.url + "/api/chat/stream"
             events(url, prompt="hi", max_tokens=3, ttft_ms=1, token_ms=1)  # the token timer and the heartbeats
             events(url, prompt="hi", model="loop", max_tokens=1)
+    gone = [weakref.ref(loop) for loop in loops]
+    loops.clear()
     gc.collect()
-    assert len(loops) == 3 and all(loop() is None for loop in loops)
+    assert len(gone) == 3 and all(loop() is None for loop in gone)
+
+
+def reporting_its_loop(loops: list[asyncio.AbstractEventLoop]) -> TokenSource:
+    """A model that appends the event loop it runs on to `loops`: the server's loop, seen from a test."""
+
+    async def report_loop(request: GenerationRequest) -> AsyncIterator[str]:
+        loops.append(asyncio.get_running_loop())
+        yield "here"
+
+    return report_loop
 
 
 def test_one_timer_keeps_the_heartbeat_cadence_of_each_stream() -> None:
@@ -588,12 +604,7 @@ def test_ended_streams_leave_the_heartbeat_timer() -> None:
     from sse_lab.server import _heartbeat_timers
 
     loops: list[asyncio.AbstractEventLoop] = []
-
-    async def report_loop(request: GenerationRequest) -> AsyncIterator[str]:
-        loops.append(asyncio.get_running_loop())
-        yield "here"
-
-    app = create_app(Settings(heartbeat_s=3_600), models={"loop": report_loop})
+    app = create_app(Settings(heartbeat_s=3_600), models={"loop": reporting_its_loop(loops)})
     with serve_in_background(app) as running, httpx.Client(trust_env=False, timeout=10) as client:
         held = client.stream("GET", running.url + "/api/chat/stream", params={"prompt": "hi", "ttft_ms": 60_000})
         with held as response:  # one stream stays open, so the timer has a live stream to keep
