@@ -3,9 +3,10 @@
 Every server here runs in a process of its own on uvicorn with the same settings
 (httptools, uvloop, access log off, the garbage collector of `sse_lab.collector`,
 as `python -m sse_lab serve` sets it), streams the same event bytes on the same
-absolute schedule (token i due at the request's start + i x token_ms, one
-`asyncio.sleep` per token) and is read by the same load generator
-(`sse_lab.load`, in processes of its own):
+absolute schedule (token i due at the request's start + i x token_ms: one
+`asyncio.sleep` per token in the comparison servers, the sim model's shared
+timer in the kit's) and is read by the same load generator (`sse_lab.load`, in
+processes of its own):
 
     kit            the kit's server as `python -m sse_lab serve --max-streams N` starts it: validation,
                    heartbeats, disconnect cancellation, resumption, stats and limits all on
