@@ -38,13 +38,13 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .handles import Stoppable
 from .server import EVENT_STREAM, Settings, create_app
 from .sse import encode_comment
 
@@ -458,7 +458,7 @@ def _run_on_uvicorns_loop(main: Coroutine[Any, Any, None], config: uvicorn.Confi
 _by_address: dict[tuple[str, int], _ServerThread] = {}
 
 
-class BackgroundServer:
+class BackgroundServer(Stoppable):
     """Handle on a server running in this process: its `url`, and `stop()`.
 
     The server also stops when the handle is garbage collected, so re-running a
@@ -479,17 +479,6 @@ class BackgroundServer:
     def stop(self) -> None:
         """End open responses, stop the server and its thread; idempotent, about 0.2 s."""
         self._stop()
-
-    def __enter__(self) -> BackgroundServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<BackgroundServer {self.url} {'running' if self.running else 'stopped'}>"

@@ -31,9 +31,9 @@ import os
 import shutil
 import weakref
 from collections.abc import Callable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..handles import Stoppable
 from ._system import require_or_skip
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def _stop(worker: concurrent.futures.ThreadPoolExecutor, session: _Session) -> N
         worker.shutdown(wait=True)
 
 
-class Chromium:
+class Chromium(Stoppable):
     """Handle on a headless Chromium: `run(work)` calls `work(browser)` on the browser's thread.
 
     `browser` is a Playwright `Browser`. `work` should open a context of its own
@@ -160,17 +160,6 @@ class Chromium:
     def stop(self) -> None:
         """Close the browser and Playwright, end the thread; idempotent."""
         self._stop()
-
-    def __enter__(self) -> Chromium:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<Chromium {self.version} {'running' if self.running else 'stopped'}>"

@@ -35,8 +35,9 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import FrameType
 
+from ..handles import Stoppable
 from ._system import stop_process
 from .nginx import NginxProxy, start_nginx_upstream
 from .redis import RedisServer, start_redis
@@ -76,7 +77,7 @@ class Worker:
         return self.process.poll() is None
 
 
-class Cluster:
+class Cluster(Stoppable):
     """Handle on Redis, the workers and nginx: `url` (nginx's), `workers`, `kill()`, `restart()`, `stop()`."""
 
     def __init__(self, directory: Path, redis: RedisServer, options: WorkerOptions) -> None:
@@ -119,14 +120,6 @@ class Cluster:
     def stop(self) -> None:
         """Stop the workers, nginx and Redis, delete the temporary directories; idempotent."""
         self._stop()
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         pids = ", ".join(f"{worker.pid}:{worker.port}" for worker in self.workers)

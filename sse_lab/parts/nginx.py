@@ -43,9 +43,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import urlsplit
 
+from ..handles import Stoppable
 from . import _system
 from ._system import REQUIRE_SYSTEM_PARTS_ENV as REQUIRE_SYSTEM_PARTS_ENV
 from ._system import free_port as _free_port
@@ -220,7 +220,7 @@ def nginx_version(binary: str) -> str:
     return reported.stderr.strip().removeprefix("nginx version: ")
 
 
-class NginxProxy:
+class NginxProxy(Stoppable):
     """Handle on a running nginx: its `url`, the `conf` it runs, and `stop()`.
 
     nginx also stops when the handle is garbage collected or the interpreter exits,
@@ -247,17 +247,6 @@ class NginxProxy:
     def stop(self) -> None:
         """Stop nginx and its worker, delete its directory; idempotent."""
         self._stop()
-
-    def __enter__(self) -> NginxProxy:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<NginxProxy {self.url} {self.config.label!r} {'running' if self.running else 'stopped'}>"

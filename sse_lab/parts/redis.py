@@ -21,8 +21,8 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 
+from ..handles import Stoppable
 from . import _system
 from ._system import free_port as _free_port
 
@@ -57,7 +57,7 @@ def redis_or_skip() -> str | None:
     return _system.require_or_skip(find_redis(), "redis-server", missing, SKIP_MESSAGE, RedisNotFoundError)
 
 
-class RedisServer:
+class RedisServer(Stoppable):
     """Handle on a running redis-server: its `url`, `port`, `pid`, and `stop()`; also a context manager."""
 
     def __init__(self, process: subprocess.Popen[bytes], directory: Path, port: int) -> None:
@@ -75,14 +75,6 @@ class RedisServer:
     def stop(self) -> None:
         """Stop the server and delete its directory; idempotent."""
         self._stop()
-
-    def __enter__(self) -> RedisServer:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<RedisServer {self.url} {'running' if self.running else 'stopped'}>"

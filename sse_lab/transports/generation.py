@@ -93,16 +93,7 @@ class TokenRun(ChatStream):
     (a time limit it enforces makes it "failed"): that gives the slot back.
     """
 
-    def __init__(
-        self,
-        source: TokenSource,
-        generation: GenerationRequest,
-        options: StreamOptions,
-        settings: Settings,
-        stats: StreamStats,
-    ) -> None:
-        super().__init__(source, generation, options, settings, stats)
-        self._ended = False
+    _ended = False  # set once `end()` has given the slot back
 
     def messages(self) -> AsyncGenerator[Message, None]:
         return self.events()  # type: ignore[return-value]  # the hooks below make its items messages

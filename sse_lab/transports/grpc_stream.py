@@ -26,10 +26,10 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict
-from types import TracebackType
 
 import grpc
 
+from ..handles import Stoppable
 from ..metrics import ChatResult
 from ..model import MODELS, TokenSource
 from ..server import InvalidParameter, Settings, StreamStats, TooManyStreams
@@ -138,7 +138,7 @@ class _GrpcThread:
         self.thread.join(STOP_GRACE_S + 2.0)
 
 
-class GrpcServer:
+class GrpcServer(Stoppable):
     """Handle on a gRPC chat server in this process: its `target` ("127.0.0.1:port"), `stats()` and `stop()`.
 
     It also stops when the handle is garbage collected, like `serve_in_background`'s.
@@ -158,17 +158,6 @@ class GrpcServer:
     def stop(self) -> None:
         """Stop the server (open calls get {STOP_GRACE_S} s) and its thread; idempotent."""
         self._stop()
-
-    def __enter__(self) -> GrpcServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def serve_grpc_in_background(
