@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
-from sse_lab.handles import Stoppable
+from sse_lab.handles import Stoppable, stop_process
 
 
 class Counted(Stoppable):
@@ -28,3 +32,18 @@ def test_a_handle_must_say_how_it_stops() -> None:
 
     with pytest.raises(TypeError):
         Unstoppable()  # type: ignore[abstract]
+
+
+def test_stop_process_ends_a_process_that_stops_on_sigterm_and_kills_one_that_does_not() -> None:
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stop_process(polite, timeout_s=5)
+    assert polite.returncode == -signal.SIGTERM
+
+    ignores = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    )
+    with subprocess.Popen([sys.executable, "-c", ignores], stdout=subprocess.PIPE) as stubborn:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"  # SIGTERM is ignored from here
+        stop_process(stubborn, timeout_s=0.2)
+    assert stubborn.returncode == -signal.SIGKILL
+    stop_process(stubborn, timeout_s=0.2)  # already stopped: nothing to do

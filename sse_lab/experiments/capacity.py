@@ -57,6 +57,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from tqdm.auto import tqdm
 
 from ..collector import steady_collection
+from ..handles import stop_process
 from ..load import LoadSpec, run_load
 from ..metrics import percentiles
 from ..model import sim_tokens
@@ -76,6 +77,7 @@ UNPACED_RUNS = 8
 MAX_STREAMS = 100_000  # the kit's --max-streams: no 429 in the way
 PROMPT = "How many users can one server stream to?"
 STARTUP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 5.0  # a child server gets this long to exit on SIGTERM, then SIGKILL
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent
 COMMITTED_REPORT = Path(__file__).with_name("capacity_report.json")  # a full run, for notebook 08
 
@@ -263,13 +265,7 @@ def server_process(name: str) -> Iterator[tuple[str, int]]:
     ):
 
         def stop() -> None:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, STOP_TIMEOUT_S)
 
         atexit.register(stop)
         try:

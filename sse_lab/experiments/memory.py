@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..background import serve_in_background
 from ..client import BUFFERED_PATH, STREAM_PATH
+from ..handles import stop_process
 from ..instruments.sockets import WriteBufferLimit, fix_send_buffer
 from ..server import Settings, create_app
 
@@ -164,12 +165,7 @@ def server_process(
         try:
             yield ServerProcess(_read_url(process, stderr, startup_timeout_s), process)
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process, STOP_TIMEOUT_S)
 
 
 @dataclass(frozen=True)

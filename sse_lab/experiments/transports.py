@@ -58,6 +58,7 @@ from websockets.sync.client import connect as ws_connect_sync
 
 from ..background import serve_in_background
 from ..client import STREAM_PATH, fetch_chat, stream_chat
+from ..handles import stop_process
 from ..instruments.relay import ByteCount, relay_to
 from ..metrics import ChatResult
 from ..model import GenerationRequest, sim
@@ -76,6 +77,7 @@ TRANSPORTS = ("sse", "websocket", "grpc", "long_poll")
 PROMPT = "Which transport should stream my tokens?"
 WS_NO_DEFLATE = "websocket, no deflate"
 BASELINE = "buffered (baseline)"
+STOP_TIMEOUT_S = 5.0  # a child server gets this long to exit on SIGTERM, then SIGKILL
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent
 
 
@@ -409,12 +411,7 @@ def transport_server(*, max_streams: int = 1_000, startup_timeout_s: float = 30.
         try:
             yield TransportServer(_read_endpoints(process, stderr, startup_timeout_s), process.pid)
         finally:
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop_process(process, STOP_TIMEOUT_S)
 
 
 def _read_endpoints(process: subprocess.Popen[bytes], stderr: IO[bytes], timeout_s: float) -> Endpoints:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -79,19 +78,3 @@ def wait_until_ready(
         if time.monotonic() > deadline:
             raise error_type(f"{name} did not {readiness} within {timeout_s} s:\n{tail}")
     return True
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout_s: float, *, group: bool = False) -> None:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL: the whole process group with `group` (the process leads it)."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        if group:
-            with contextlib.suppress(ProcessLookupError):  # it exited in between
-                os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-        process.wait()

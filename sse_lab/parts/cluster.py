@@ -37,8 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from ..handles import Stoppable
-from ._system import stop_process
+from ..handles import Stoppable, stop_process
 from .nginx import NginxProxy, start_nginx_upstream
 from .redis import RedisServer, start_redis
 

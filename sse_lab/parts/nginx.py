@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..handles import Stoppable
+from ..handles import Stoppable, stop_process
 from . import _system
 from ._system import REQUIRE_SYSTEM_PARTS_ENV as REQUIRE_SYSTEM_PARTS_ENV
 from ._system import free_port as _free_port
@@ -364,7 +364,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
     (SIGQUIT, the graceful one, would wait for every open stream to end.) SIGKILL, if
     it comes to that, goes to the process group: the master and its worker.
     """
-    _system.stop_process(process, STOP_TIMEOUT_S, group=True)
+    stop_process(process, STOP_TIMEOUT_S, group=True)
 
 
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:

@@ -22,7 +22,7 @@ import time
 import weakref
 from pathlib import Path
 
-from ..handles import Stoppable
+from ..handles import Stoppable, stop_process
 from . import _system
 from ._system import free_port as _free_port
 
@@ -163,7 +163,7 @@ def _answers_ping(port: int) -> bool:
 
 def _stop_process(process: subprocess.Popen[bytes]) -> None:
     """SIGTERM: Redis exits at once (nothing to save); SIGKILL if it does not."""
-    _system.stop_process(process, STOP_TIMEOUT_S)
+    stop_process(process, STOP_TIMEOUT_S)
 
 
 def _stop_and_remove(process: subprocess.Popen[bytes], directory: Path) -> None:
