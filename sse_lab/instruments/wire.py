@@ -330,7 +330,10 @@ def capture(
             if not data:
                 closed = True
                 break
-            reads.append(Read(time.perf_counter() - started_at, data))
+            arrived = time.perf_counter()
+            if arrived > deadline:  # returned only after the deadline (the thread waited for a core): not captured
+                break
+            reads.append(Read(arrived - started_at, data))
     return WireCapture(url, request, started_at, reads, closed)
 
 
