@@ -22,7 +22,9 @@ measured. Metrics are defined in `sse_lab.metrics.load_summary`.
 Why it is not the bottleneck, and how it checks: each worker reads with an
 `asyncio.Protocol` straight off the socket (no HTTP library, no per-event task or
 JSON parsing; token events are only counted), on uvloop when it is installed,
-and there are as many workers as the load needs (`default_workers`). Each
+with the garbage collector off (a worker makes no reference cycles, and the
+collector's pauses would stamp arrivals late), and there are as many workers as
+the load needs (`default_workers`). Each
 worker reports its CPU share (CPU seconds / wall seconds, in % of one core) and
 how late its own loop wakes (a timer every `LOOP_PROBE_S`), and every request its
 send lag (sent - scheduled). A busy or CPU-starved worker stamps arrivals late and
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import math
@@ -530,6 +533,10 @@ def worker_main(fd: int) -> None:
         control.send(("ready", None))
         t0 = control.recv()
         loop = _new_loop()
+        # A worker makes no reference cycles (a collection after a run of 2,000 streams frees nothing), so the
+        # collector could only pause it: its full collections took 15-70 ms mid-run, and stamped every arrival
+        # behind them that late. The process ends with the run.
+        gc.disable()
         try:
             loop.run_until_complete(_run_worker(spec, worker_plan, t0, workers, control))
         finally:

@@ -1,21 +1,28 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
+import socket
 import statistics
+import time
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from typing import Any
 
 import pytest
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background
+from sse_lab.experiments.capacity import server_process
 from sse_lab.instruments.wire import capture_chat
 from sse_lab.load import (
     DIALECTS,
     LoadError,
     LoadSpec,
     WorkerReport,
+    _new_loop,
+    _run_worker,
     _StreamReader,
     default_workers,
     gamma_arrivals,
@@ -113,6 +120,24 @@ def test_several_tokens_in_one_read_arrive_together(server: BackgroundServer) ->
     assert len(set(whole.arrivals)) == 1  # one read: one arrival time for all four
     byte_by_byte = asyncio.run(read([wire.raw[i : i + 1] for i in range(len(wire.raw))]))
     assert byte_by_byte.outcome == "done" and len(byte_by_byte.arrivals) == 4
+
+
+def test_a_worker_leaves_no_reference_cycles_so_it_runs_with_the_collector_off() -> None:
+    """Workers turn the collector off (its pauses stamped arrivals late): nothing may pile up for want of it."""
+    with server_process("kit") as (url, _):  # in another process: the server's own cycles are not counted here
+        spec = LoadSpec(url, concurrency=20, requests=60, ramp_s=0.1, max_tokens=5, ttft_ms=0, token_ms=2)
+        ours, theirs = socket.socketpair()
+        with ours, Connection(theirs.detach()) as report:
+            loop = _new_loop()
+            gc.collect()
+            gc.disable()
+            try:
+                loop.run_until_complete(_run_worker(spec, plan(spec, 1)[0], time.perf_counter(), 1, report))
+                loop.close()
+                unreachable = gc.collect()
+            finally:
+                gc.enable()
+    assert unreachable == 0
 
 
 def test_send_lag_and_worker_cpu_raise_warnings_past_their_thresholds() -> None:

@@ -25,10 +25,11 @@ unpaced (token_ms 0), in token events per second.
 The figures are only as quiet as the machine: compare servers measured in the
 same run (the steps interleave the servers for that reason), not runs.
 
-At the `agreement_steps`, an independent reader (`probe`: blocking sockets, its
-own byte scanning, no asyncio, no decoder) reads `PROBE_STREAMS` more streams of
-the kit's server while the load generator runs, so the two measurements of the
-same server at the same moment can be compared.
+At the `agreement_steps`, in runs of their own after the steps (so that every
+server's steps carry the same load), an independent reader (`probe`: blocking
+sockets, its own byte scanning, no asyncio, no decoder) reads `PROBE_STREAMS`
+more streams of the kit's server while the load generator runs, so the two
+measurements of the same server at the same moment can be compared.
 
 sse-starlette and FastAPI come with the `bench` extra: `pip install -e '.[bench]'`.
 """
@@ -411,7 +412,8 @@ def benchmark(
     with contextlib.ExitStack() as running:
         processes = {name: running.enter_context(server_process(name)) for name in servers}
         collapsed: set[str] = set()
-        total = len(servers) * (len(steps) + 1)
+        checked = agreement_steps if "kit" in servers else ()
+        total = len(servers) * (len(steps) + 1) + len(checked)
         with tqdm(total=total, desc="bench", unit="run", leave=False) as bar:
             for name in servers:
                 if unpaced_runs:
@@ -422,12 +424,7 @@ def benchmark(
                     bar.update()
                     if name in collapsed:
                         continue
-                    url, pid = processes[name]
-                    if name == "kit" and concurrency in agreement_steps:
-                        step, agreement = _with_probe(url, pid, concurrency, max_tokens, token_ms, ramp_s)
-                        report["agreement"].append(agreement)
-                    else:
-                        step = _step(url, pid, concurrency, max_tokens, token_ms, ramp_s)
+                    step = _step(*processes[name], concurrency, max_tokens, token_ms, ramp_s)
                     report["servers"][name]["steps"][str(concurrency)] = step
                     summary = step["load"]
                     p99 = summary["lateness_ms"]["p99"]
@@ -435,12 +432,15 @@ def benchmark(
                         report["servers"][name]["capacity"] = concurrency
                     elif summary["errors"] or p99 is None or p99 > COLLAPSE_MS:
                         collapsed.add(name)
+            # Runs of their own: the reader's streams and process must not weigh on the kit's steps alone
+            for concurrency in checked:
+                report["agreement"].append(_agreement(*processes["kit"], concurrency, max_tokens, token_ms, ramp_s))
+                bar.update()
     return report
 
 
-def _with_probe(
-    url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float, ramp_s: float
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _agreement(url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float, ramp_s: float) -> dict[str, Any]:
+    """A step with the independent reader's streams beside the load generator's: both p99 and p50 lateness."""
     reader = probe(url, PROBE_STREAMS, ramp_s, max_tokens, token_ms)
     try:
         step = _step(url, pid, concurrency, max_tokens, token_ms, ramp_s)
@@ -451,7 +451,7 @@ def _with_probe(
             reader.kill()
             reader.wait()
     probe_late = percentiles(json.loads(out))
-    return step, {
+    return {
         "concurrency": concurrency,
         "probe_streams": PROBE_STREAMS,
         "load_p99_ms": summary["lateness_ms"]["p99"],

@@ -45,6 +45,19 @@ def test_the_independent_reader_times_every_token() -> None:
     assert len(late) == 3 * 5 and all(-1 < value < 2_000 for value in late)
 
 
+def test_a_small_benchmark_runs_every_step_then_the_agreement_check_apart() -> None:
+    measured = capacity.benchmark(
+        ("kit", "raw"), (4, 8), max_tokens=3, token_ms=10, ramp_s=0.05, agreement_steps=(4,), unpaced_runs=1
+    )
+    for server in measured["servers"].values():
+        assert list(server["steps"]) == ["4", "8"] and server["unpaced_events_per_s"] > 0
+        assert all(
+            step["load"]["requests"] == int(c) and not step["load"]["errors"] for c, step in server["steps"].items()
+        )
+    (check,) = measured["agreement"]
+    assert check["concurrency"] == 4 and check["probe_p99_ms"] is not None and check["load_p99_ms"] is not None
+
+
 def report(p99s: dict[str, list[float | None]]) -> dict[str, Any]:
     def step(p99: float | None) -> dict[str, Any]:
         return {"load": {"lateness_ms": {"p99": p99}, "errors": {} if p99 else {"http_429": 1}},
