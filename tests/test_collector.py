@@ -26,8 +26,8 @@ def test_steady_collection_freezes_startup_and_keeps_only_young_collections_auto
 
 
 @pytest.mark.usefixtures("restored_collector")
-def test_a_full_collection_still_frees_the_cycles_of_streams_cut_short() -> None:
-    """A cycle made after the freeze (as a cut connection leaves) is found by the next full collection."""
+def test_a_full_collection_still_frees_cycles_made_after_the_freeze() -> None:
+    """A cycle made after the freeze (by a token source of one's own, say) is found by the next full collection."""
     collector.steady_collection()
 
     class Node:

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import shutil
+import socket
 import statistics
 import subprocess
 import threading
@@ -31,6 +32,7 @@ from sse_lab import (
     stream_chat,
 )
 from tests.conftest import NASTY_PROMPTS, wait_for
+from tests.raw_http import address, exchange, read_response, request_bytes
 
 
 def events(url: str, **params: object) -> list[tuple[str, str, dict]]:
@@ -571,6 +573,53 @@ def test_the_shared_timers_keep_no_stopped_server_loop_alive() -> None:
     loops.clear()
     gc.collect()
     assert len(gone) == 3 and all(loop() is None for loop in gone)
+
+
+SERVER_PACKAGES = ("sse_lab", "starlette", "uvicorn", "uvloop", "asyncio")
+
+
+def server_garbage(garbage: list[object]) -> list[str]:
+    """The types of the objects in `garbage` that a server made (the test's own HTTP client's are not counted)."""
+    made_here = [item for item in garbage if (getattr(type(item), "__module__", "") or "").startswith(SERVER_PACKAGES)]
+    made_here += [item for item in garbage if type(item).__name__ in ("coroutine", "frame", "async_generator")]
+    return sorted({type(item).__qualname__ for item in made_here})
+
+
+@pytest.mark.parametrize(
+    ("query", "read_bytes"),
+    [
+        ("max_tokens=3&token_ms=1", None),  # ends on its own
+        ("max_tokens=5&token_ms=0&fail_after=2", None),  # an error event
+        ("max_tokens=-1", None),  # a 422
+        ("max_tokens=50&token_ms=20", 60),  # cut by its client mid-stream
+    ],
+)
+def test_a_stream_leaves_no_reference_cycle(query: str, read_bytes: int | None) -> None:
+    """Nothing of a stream waits for a full collection, which `python -m sse_lab serve` makes only every 10 minutes.
+
+    Regression: the `send` that `_DirectSend` keeps in the scope tied each connection's objects (uvicorn's
+    request, its transport, events and buffers: 19 objects) into a cycle, because the request holds the scope.
+    """
+    target = f"/api/chat/stream?prompt=hi&ttft_ms=0&{query}"
+    with serve_in_background() as running:
+        exchange(running.url, request_bytes(target))  # the first request's one-off objects
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage, to be looked at
+        try:
+            for _ in range(5):
+                with socket.create_connection(address(running.url)) as sock:
+                    sock.sendall(request_bytes(target))
+                    if read_bytes is None:
+                        read_response(sock)
+                    else:
+                        sock.recv(read_bytes)  # then the close: a client leaving mid-stream
+            wait_for(lambda: stats(running)["streams_active"] == 0, what="the streams to end")
+            gc.collect()
+            found = server_garbage(gc.garbage)
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert found == []
 
 
 def reporting_its_loop(loops: list[asyncio.AbstractEventLoop]) -> TokenSource:

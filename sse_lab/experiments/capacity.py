@@ -49,6 +49,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tqdm.auto import tqdm
 
-from ..collector import steady_collection
+from ..collector import collect_forever, steady_collection
 from ..handles import stop_process
 from ..load import LoadSpec, run_load
 from ..metrics import percentiles
@@ -224,6 +225,7 @@ def _serve_comparison(name: str) -> None:
     server = uvicorn.Server(config)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
     steady_collection()  # the garbage collector as `python -m sse_lab serve` sets it: the same for every server
+    threading.Thread(target=collect_forever, daemon=True).start()
     server.run(sockets=[sock])
 
 
