@@ -4,6 +4,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import matplotlib
 import pytest
@@ -14,6 +15,8 @@ from sse_lab.parts import chromium as chromium_part
 from sse_lab.parts.nginx import SKIP_MESSAGE, ProxyConfig, nginx_or_skip
 
 matplotlib.use("Agg")
+
+T = TypeVar("T")
 
 # Hypothesis's defaults time each example (a 200 ms deadline, a too-slow health check): timing
 # assertions with no margin, which fail on a loaded machine running two test workers, not on a bug.
@@ -37,13 +40,14 @@ def server() -> Iterator[BackgroundServer]:
         yield running
 
 
-def wait_for(condition: Callable[[], object], timeout_s: float = 5.0, what: str = "condition") -> None:
-    """Poll `condition` until it is true; fail the test after `timeout_s`."""
+def wait_for(condition: Callable[[], T], timeout_s: float = 5.0, what: str = "condition") -> T:
+    """Poll `condition` until it is true and return what it returned then; fail the test after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.005)
+    return value
 
 
 @pytest.fixture(scope="session")
