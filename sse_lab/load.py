@@ -20,17 +20,16 @@ starts later). The first `warmup_s` seconds load the server without being
 measured. Metrics are defined in `sse_lab.metrics.load_summary`.
 
 Why it is not the bottleneck, and how it checks: each worker reads with an
-`asyncio.Protocol` straight off the socket (no HTTP library, no per-event task or
-JSON parsing; token events are only counted), on uvloop when it is installed,
+`asyncio.Protocol` straight off the socket (no HTTP library, no per-event task
+or JSON parsing; token events are only counted), on uvloop when it is installed,
 with the garbage collector off (a worker makes no reference cycles, and the
 collector's pauses would stamp arrivals late), and there are as many workers as
-the load needs (`default_workers`). Each
-worker reports its CPU share (CPU seconds / wall seconds, in % of one core) and
-how late its own loop wakes (a timer every `LOOP_PROBE_S`), and every request its
-send lag (sent - scheduled). A busy or CPU-starved worker stamps arrivals late and
-sends late, so all three are checked: crossing `CPU_WARNING_PERCENT`,
-`LOOP_LAG_WARNING_MS` or `SEND_LAG_WARNING_MS` adds a warning to the result
-(the CLI prints it).
+the load needs (`default_workers`). Each worker reports its CPU share (CPU
+seconds / wall seconds, in % of one core) and how late its own loop wakes (a
+timer every `LOOP_PROBE_S`), and every request its send lag (sent - scheduled).
+A busy or CPU-starved worker stamps arrivals late and sends late, so all three
+are checked: crossing `CPU_WARNING_PERCENT`, `LOOP_LAG_WARNING_MS` or
+`SEND_LAG_WARNING_MS` adds a warning to the result (the CLI prints it).
 
 The API a server speaks is a `Dialect`: the bytes of the request and what each
 event means (tokens, or the end). Only the kit's is here; another, such as
