@@ -318,7 +318,8 @@ async def _one_request(
     except (OSError, asyncio.TimeoutError):
         record.outcome, record.ended_at = "connect_failed", time.perf_counter()
         return record
-    transport.write(dialect.request(spec, seed, f"{host}:{port}", prefix))
+    if not transport.is_closing():  # closed at once (a server out of descriptors does that): `cut_short`, not a crash
+        transport.write(dialect.request(spec, seed, f"{host}:{port}", prefix))
     try:
         await asyncio.wait_for(asyncio.shield(reader.finished), spec.timeout_s - (time.perf_counter() - record.sent_at))
     except asyncio.TimeoutError:
@@ -493,17 +494,19 @@ async def _run_worker(spec: LoadSpec, worker_plan: WorkerPlan, t0: float, worker
     await sleep_until(t0)
     started = time.perf_counter()
     reporting = asyncio.ensure_future(progress())
-    if worker_plan.users:
-        seeds = iter(range(worker_plan.first_seed, 2**62, workers))
-        await asyncio.gather(*(user(first, quota, seeds) for first, quota in worker_plan.users))
-    else:
-        slots = None if worker_plan.max_in_flight is None else asyncio.Semaphore(worker_plan.max_in_flight)
-        running = []
-        for at, seed, counted in worker_plan.arrivals:
-            await sleep_until(t0 + at)
-            running.append(asyncio.ensure_future(arrival(t0 + at, seed, counted, slots)))
-        await asyncio.gather(*running)
-    reporting.cancel()
+    try:
+        if worker_plan.users:
+            seeds = iter(range(worker_plan.first_seed, 2**62, workers))
+            await asyncio.gather(*(user(first, quota, seeds) for first, quota in worker_plan.users))
+        else:
+            slots = None if worker_plan.max_in_flight is None else asyncio.Semaphore(worker_plan.max_in_flight)
+            running = []
+            for at, seed, counted in worker_plan.arrivals:
+                await sleep_until(t0 + at)
+                running.append(asyncio.ensure_future(arrival(t0 + at, seed, counted, slots)))
+            await asyncio.gather(*running)
+    finally:
+        reporting.cancel()
     cpu_s, wall_s = time.process_time() - started_cpu, time.perf_counter() - started
     report.send(("done", WorkerReport(records, cpu_s, wall_s, loop_lag)))
 

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
 import socket
 import statistics
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -103,6 +106,27 @@ def test_a_server_that_is_not_there_is_a_connect_failure() -> None:
     result = load(url, concurrency=2, requests=2, max_tokens=1, ttft_ms=0, token_ms=0, progress=False)
     assert result.summary["errors"] == {"connect_failed": 2}
     assert result.summary["ttft_ms"]["p50"] is None
+
+
+def test_a_server_that_resets_every_connection_at_once_is_counted_not_a_crash() -> None:
+    """As a server out of descriptors does (libuv closes what it cannot keep): regression, the worker crashed."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def reset_each() -> None:
+            with contextlib.suppress(OSError):  # the listener closed: the test is over
+                while True:
+                    connection, _ = listener.accept()
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    connection.close()  # with linger 0: a reset
+
+        resetter = threading.Thread(target=reset_each, daemon=True)
+        resetter.start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        result = load(url, concurrency=20, requests=200, max_tokens=3, ttft_ms=0, token_ms=0, progress=False)
+        listener.shutdown(socket.SHUT_RDWR)
+    resetter.join(5)
+    errors = result.summary["errors"]
+    assert sum(errors.values()) == 200 and set(errors) <= {"connect_failed", "cut_short"}
 
 
 def test_several_tokens_in_one_read_arrive_together(server: BackgroundServer) -> None:
