@@ -31,6 +31,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import socket
 import sys
 import threading
@@ -315,6 +316,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; return the soft limit now in force.
+
+    Every connection holds a descriptor, and many systems start a process at a
+    soft limit of 1,024: a server would then close every connection past about a
+    thousand (see `_AcceptFailures`), whatever its `--max-streams`, and a load
+    generator could not open them. The hard limit is the one the system allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses RLIM_INFINITY: the soft limit stays
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class _AcceptFailures:

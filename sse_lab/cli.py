@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import resource
 import signal
 import sys
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from .access_log import AccessLog
-from .background import ServerStartError, serve_in_background
+from .background import ServerStartError, raise_open_files_limit, serve_in_background
 from .collector import collect_forever, steady_collection
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
@@ -160,6 +161,23 @@ def network_warning(host: str) -> str | None:
     return f"sse-lab: warning: --host {host} is not loopback: the server is reachable from the network"
 
 
+DESCRIPTORS_BESIDES_STREAMS = 64  # the listening socket, the event loop's, stdio, the page's and stats' connections
+
+
+def open_files_warning(max_streams: int) -> str | None:
+    """Raise the limit on open files as far as the system allows; the line `serve` prints if `max_streams` needs more.
+
+    Each open stream holds a connection, and each connection a descriptor.
+    """
+    limit = raise_open_files_limit()
+    if limit == resource.RLIM_INFINITY or limit >= max_streams + DESCRIPTORS_BESIDES_STREAMS:
+        return None
+    return (
+        f"sse-lab: warning: open files are limited to {limit}, too few for --max-streams {max_streams}: "
+        "connections past the limit will be closed; raise it with `ulimit -n`"
+    )
+
+
 # Ctrl-C and SIGTERM both stop the server, as in uvicorn. SIGINT is set here too: a process
 # started in the background by a shell script inherits SIGINT ignored, and would never stop on it.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -189,11 +207,14 @@ def _log_to_terminal() -> None:
 def serve(args: argparse.Namespace) -> None:
     """Serve the chat app in the foreground until Ctrl-C or SIGTERM, then say it stopped.
 
-    The process is the server's alone, so its garbage collector is tuned for streams (`sse_lab.collector`).
+    The process is the server's alone, so its garbage collector is tuned for streams (`sse_lab.collector`), and
+    its limit on open files raised as far as the system allows (`open_files_warning`).
     """
     _log_to_terminal()
-    if warning := network_warning(args.host):
-        print(warning, file=sys.stderr, flush=True)
+    settings = settings_from_args(args)
+    for warning in (network_warning(args.host), open_files_warning(settings.max_concurrent_streams)):
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     with (
         serve_in_background(app_from_args(args), host=args.host, port=args.port) as server,
         contextlib.suppress(_Stopped),

@@ -48,7 +48,6 @@ import json
 import math
 import os
 import random
-import resource
 import socket
 import subprocess
 import sys
@@ -62,6 +61,7 @@ from urllib.parse import urlencode, urlsplit
 
 from tqdm.auto import tqdm
 
+from .background import raise_open_files_limit
 from .metrics import PERCENTILES, SLO_METRICS, RequestRecord, load_summary, percentiles
 from .model import GenerationRequest, schedule_ms
 from .sse import Decoder, Event
@@ -519,16 +519,9 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _raise_open_files_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def worker_main(fd: int) -> None:
     """A worker process (`python -c ...`, see `run_load`): get the plan, wait for t0, make the load, report."""
-    _raise_open_files_limit()
+    raise_open_files_limit()  # a worker holds a socket per stream it reads
     control = Connection(fd)
     try:
         spec, worker_plan, workers = control.recv()

@@ -18,7 +18,15 @@ import httpx
 import pytest
 
 from sse_lab import BackgroundServer, Settings, create_app, serve_in_background, stream_chat
-from sse_lab.cli import SETTING_FLAGS, app_from_args, build_parser, main, network_warning, settings_from_args
+from sse_lab.cli import (
+    DESCRIPTORS_BESIDES_STREAMS,
+    SETTING_FLAGS,
+    app_from_args,
+    build_parser,
+    main,
+    network_warning,
+    settings_from_args,
+)
 from tests.conftest import wait_for
 
 FAST = {"prompt": "hi", "ttft_ms": 0, "token_ms": 0}
@@ -230,6 +238,35 @@ def test_serve_on_a_host_other_than_loopback_warns_first() -> None:
     finished = subprocess.run(command, capture_output=True, text=True, timeout=30)
     warning, *_ = finished.stderr.splitlines()
     assert warning == "sse-lab: warning: --host 192.0.2.1 is not loopback: the server is reachable from the network"
+
+
+def open_files_limits(pid: int) -> tuple[str, str]:
+    """The soft and hard limits on open files of process `pid`, as Linux shows them."""
+    line = next(line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith("Max open"))
+    soft, hard = line.split()[3:5]
+    return soft, hard
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/<pid>/limits")
+def test_serve_raises_its_open_files_limit_as_far_as_the_system_allows() -> None:
+    """Many systems start processes at a soft limit of 1,024 descriptors: a thousand streams, whatever --max-streams."""
+    with serve_process("--max-streams", "5000", shell_prefix="ulimit -S -n 256;") as (process, _):
+        soft, hard = open_files_limits(process.pid)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+    assert soft == hard and (hard == "unlimited" or int(hard) > 256)
+    if hard == "unlimited" or int(hard) >= 5_000 + DESCRIPTORS_BESIDES_STREAMS:
+        assert err == ""  # enough for every stream: no warning
+
+
+def test_serve_warns_when_the_system_allows_too_few_open_files_for_max_streams() -> None:
+    with serve_process("--max-streams", "1000", shell_prefix="ulimit -n 300;") as (process, _):
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+    assert err.splitlines()[0] == (
+        "sse-lab: warning: open files are limited to 300, too few for --max-streams 1000: "
+        "connections past the limit will be closed; raise it with `ulimit -n`"
+    )
 
 
 def test_serve_refuses_a_port_in_use_with_a_clear_message() -> None:
