@@ -60,6 +60,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tqdm.auto import tqdm
 
+from ..background import raise_open_files_limit
 from ..collector import collect_forever, steady_collection
 from ..handles import stop_process
 from ..load import LoadSpec, run_load
@@ -226,8 +227,10 @@ def _serve_comparison(name: str) -> None:
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, backlog=2048)
     server = uvicorn.Server(config)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    steady_collection()  # the garbage collector as `python -m sse_lab serve` sets it: the same for every server
+    # The garbage collector and the limit on open files as `python -m sse_lab serve` sets them: the same for all
+    steady_collection()
     threading.Thread(target=collect_forever, daemon=True).start()
+    raise_open_files_limit()
     server.run(sockets=[sock])
 
 
