@@ -599,12 +599,14 @@ def summarize(spec: LoadSpec, reports: Sequence[WorkerReport]) -> tuple[dict[str
     return summary, warnings
 
 
-def run_load(spec: LoadSpec, *, progress: bool = True) -> LoadResult:
+def run_load(spec: LoadSpec, *, progress: bool = True, start_at: float | None = None) -> LoadResult:
     """Make the load `spec` describes from worker processes and measure every stream.
 
     Workers are started (and import the kit) before the clock starts, so their
-    start-up costs the server nothing. Each is stopped and reaped even on failure:
-    a worker whose parent has gone finds its socket closed and exits.
+    start-up costs the server nothing. The clock starts once they are ready, or
+    at `start_at` (a `time.perf_counter()` reading) if that is later: another
+    process can then start with it. Each worker is stopped and reaped even on
+    failure: a worker whose parent has gone finds its socket closed and exits.
     """
     workers = spec.workers or default_workers(spec)
     plans = plan(spec, workers)
@@ -616,7 +618,7 @@ def run_load(spec: LoadSpec, *, progress: bool = True) -> LoadResult:
             controls[-1].send((spec, worker_plan, workers))
         for control in controls:
             _expect(control, "ready")
-        t0 = time.perf_counter() + START_MARGIN_S
+        t0 = max(time.perf_counter() + START_MARGIN_S, start_at or 0.0)
         for control in controls:
             control.send(t0)
         reports = _collect(spec, controls, progress)

@@ -32,6 +32,7 @@ from sse_lab.load import (
     load,
     plan,
     report_shape,
+    run_load,
     summarize,
 )
 from sse_lab.metrics import PERCENTILES, RequestRecord
@@ -90,6 +91,15 @@ def test_an_open_loop_sends_at_the_planned_rate(roomy_server: BackgroundServer) 
     assert result.summary["requests"] == 30 and result.summary["errors"] == {}
     assert 0.1 < sent[-1] - sent[0] < 1.5  # 29 gaps of 10 ms on average
     assert result.summary["client"]["send_lag_ms"]["p50"] < 50
+
+
+def test_the_clock_can_start_at_a_given_moment(roomy_server: BackgroundServer) -> None:
+    """So that another process (the benchmark's independent reader) can start its ramp with the load's."""
+    start_at = time.perf_counter() + 1.0  # later than the workers take to be ready
+    spec = LoadSpec(roomy_server.url, concurrency=4, requests=4, ramp_s=0.2, max_tokens=1, ttft_ms=0, token_ms=0)
+    records = run_load(spec, progress=False, start_at=start_at).records
+    assert min(record.scheduled_at for record in records) == pytest.approx(start_at, abs=1e-6)
+    assert all(record.sent_at >= start_at for record in records)
 
 
 def test_refusals_are_counted_as_http_429() -> None:

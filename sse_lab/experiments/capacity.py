@@ -77,6 +77,7 @@ LATENESS_SLO_MS = 50.0
 COLLAPSE_MS = 5_000.0  # p99 lateness past this: the server has collapsed, larger steps are skipped
 AGREEMENT_STEPS = (500, 1000)
 PROBE_STREAMS = 50
+AGREEMENT_START_S = 2.0  # the reader's and the load's processes start well within this
 UNPACED_TOKENS = 4_096  # the kit's limit on max_tokens
 UNPACED_RUNS = 9  # streams per server, taken in turns
 MAX_STREAMS = 100_000  # the kit's --max-streams: no 429 in the way
@@ -286,8 +287,12 @@ def server_process(name: str) -> Iterator[tuple[str, int]]:
 # ── The independent reader ─────────────────────────────────────────────────────────────────────────────────────
 
 
-def _probe_main(url: str, streams: int, ramp_s: float, max_tokens: int, token_ms: float) -> None:
+def _probe_main(url: str, streams: int, ramp_s: float, max_tokens: int, token_ms: float, start_at: float = 0.0) -> None:
     """Child process: read `streams` streams with blocking sockets and `selectors`; print every token's lateness (ms).
+
+    The first starts at `start_at` (`time.perf_counter()`, one clock for every
+    process; 0: as soon as it has started), the others spread over `ramp_s` as
+    the load generator spreads its own.
 
     Deliberately shares no code with the load generator: no asyncio, no chunked
     decoding, no SSE decoder. A token arrives with the read that brings the blank
@@ -300,7 +305,7 @@ def _probe_main(url: str, streams: int, ramp_s: float, max_tokens: int, token_ms
     )
     request = f"GET /api/chat/stream?{query} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
     chooser = selectors.DefaultSelector()
-    start = time.perf_counter() + 0.05
+    start = start_at or time.perf_counter() + 0.05
     state: dict[socket.socket, dict[str, Any]] = {}
     late: list[float] = []
     pending = list(range(streams))
@@ -335,11 +340,17 @@ def _probe_main(url: str, streams: int, ramp_s: float, max_tokens: int, token_ms
     print(json.dumps(late))
 
 
-def probe(url: str, streams: int, ramp_s: float, max_tokens: int, token_ms: float) -> subprocess.Popen[str]:
-    """Start the independent reader (`_probe_main`) in a child process; its stdout will hold the JSON lateness list."""
+def probe(
+    url: str, streams: int, ramp_s: float, max_tokens: int, token_ms: float, start_at: float | None = None
+) -> subprocess.Popen[str]:
+    """Start the independent reader (`_probe_main`) in a child process; its stdout will hold the JSON lateness list.
+
+    Its ramp starts at `start_at` (`time.perf_counter()`), or as soon as it can.
+    """
     command = [
         sys.executable, "-m", "sse_lab.experiments.capacity", "--probe", url, "--streams", str(streams),
         "--ramp", str(ramp_s), "--max-tokens", str(max_tokens), "--token-ms", str(token_ms),
+        *([] if start_at is None else ["--start-at", repr(start_at)]),
     ]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=_PACKAGE_PARENT)
 
@@ -356,8 +367,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _step(url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float, ramp_s: float) -> dict[str, Any]:
+def _step(
+    url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float, ramp_s: float, start_at: float | None = None
+) -> dict[str, Any]:
     """One step: the load generator's report, and the server's CPU time per token delivered (µs).
+
+    The ramp starts at `start_at` (`time.perf_counter()`) if given, else once the load's workers are ready.
 
     CPU per token is the figure that a busy machine disturbs least: contention
     makes streams late, but barely changes the work each token costs.
@@ -367,7 +382,7 @@ def _step(url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float
         token_ms=token_ms, prompt=PROMPT,
     )  # fmt: skip
     before = cpu_seconds(pid)
-    summary = run_load(spec, progress=False).summary
+    summary = run_load(spec, progress=False, start_at=start_at).summary
     tokens = summary["output_tokens_per_s"] * summary["duration_s"]
     per_token = round(1e6 * (cpu_seconds(pid) - before) / tokens, 1) if tokens else None
     return {"load": summary, "server_cpu_us_per_token": per_token}
@@ -453,10 +468,15 @@ def benchmark(
 
 
 def _agreement(url: str, pid: int, concurrency: int, max_tokens: int, token_ms: float, ramp_s: float) -> dict[str, Any]:
-    """A step with the independent reader's streams beside the load generator's: both p99 and p50 lateness."""
-    reader = probe(url, PROBE_STREAMS, ramp_s, max_tokens, token_ms)
+    """A step with the independent reader's streams beside the load generator's: both p99 and p50 lateness.
+
+    Both ramps start at the same moment, once both have started their processes: a reader whose streams began
+    earlier would meet less of the queue at the ramp's end.
+    """
+    start_at = time.perf_counter() + AGREEMENT_START_S
+    reader = probe(url, PROBE_STREAMS, ramp_s, max_tokens, token_ms, start_at)
     try:
-        step = _step(url, pid, concurrency, max_tokens, token_ms, ramp_s)
+        step = _step(url, pid, concurrency, max_tokens, token_ms, ramp_s, start_at)
         summary = step["load"]
         out, _ = reader.communicate(timeout=120)
     finally:
@@ -547,11 +567,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ramp", type=float, default=RAMP_S)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--token-ms", type=float, default=TOKEN_MS)
+    parser.add_argument("--start-at", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.serve:
         _serve_comparison(args.serve)
     elif args.probe:
-        _probe_main(args.probe, args.streams, args.ramp, args.max_tokens, args.token_ms)
+        _probe_main(args.probe, args.streams, args.ramp, args.max_tokens, args.token_ms, args.start_at)
 
 
 if __name__ == "__main__":
