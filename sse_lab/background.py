@@ -45,6 +45,7 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .collector import collect_forever, steady_collection
 from .handles import Stoppable
 from .server import EVENT_STREAM, Settings, create_app
 from .sse import encode_comment
@@ -331,6 +332,21 @@ def raise_open_files_limit() -> int:
         with contextlib.suppress(ValueError, OSError):  # macOS refuses RLIM_INFINITY: the soft limit stays
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def dedicate_to_serving() -> int:
+    """Set this process up to serve many streams and nothing else; return its limit on open files now.
+
+    What `python -m sse_lab serve` and every server of the capacity benchmark do
+    once their app is built: the limit on open files raised as far as the system
+    allows (`raise_open_files_limit`), what exists now frozen out of the collector's
+    reach, and a full collection every ten minutes on a thread of its own
+    (`sse_lab.collector`). An in-kernel server leaves its notebook's process alone.
+    """
+    limit = raise_open_files_limit()
+    steady_collection()
+    threading.Thread(target=collect_forever, name="sse-lab-collector", daemon=True).start()
+    return limit
 
 
 class _AcceptFailures:

@@ -14,6 +14,7 @@ import math
 import resource
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -24,8 +25,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from .access_log import AccessLog
-from .background import ServerStartError, raise_open_files_limit, serve_in_background
-from .collector import collect_forever, steady_collection
+from .background import ServerStartError, dedicate_to_serving, serve_in_background
 from .experiments.why_streaming import buffered_vs_streamed
 from .metrics import summary_table
 from .server import Settings, create_app
@@ -164,12 +164,11 @@ def network_warning(host: str) -> str | None:
 DESCRIPTORS_BESIDES_STREAMS = 64  # the listening socket, the event loop's, stdio, the page's and stats' connections
 
 
-def open_files_warning(max_streams: int) -> str | None:
-    """Raise the limit on open files as far as the system allows; the line `serve` prints if `max_streams` needs more.
+def open_files_warning(limit: int, max_streams: int) -> str | None:
+    """The line `serve` prints when its limit on open files is too low for `max_streams`.
 
     Each open stream holds a connection, and each connection a descriptor.
     """
-    limit = raise_open_files_limit()
     if limit == resource.RLIM_INFINITY or limit >= max_streams + DESCRIPTORS_BESIDES_STREAMS:
         return None
     return (
@@ -207,14 +206,12 @@ def _log_to_terminal() -> None:
 def serve(args: argparse.Namespace) -> None:
     """Serve the chat app in the foreground until Ctrl-C or SIGTERM, then say it stopped.
 
-    The process is the server's alone, so its garbage collector is tuned for streams (`sse_lab.collector`), and
-    its limit on open files raised as far as the system allows (`open_files_warning`).
+    The process is the server's alone (`dedicate_to_serving`): its garbage collector is tuned for streams, and
+    its limit on open files raised as far as the system allows.
     """
     _log_to_terminal()
-    settings = settings_from_args(args)
-    for warning in (network_warning(args.host), open_files_warning(settings.max_concurrent_streams)):
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+    if warning := network_warning(args.host):
+        print(warning, file=sys.stderr, flush=True)
     with (
         serve_in_background(app_from_args(args), host=args.host, port=args.port) as server,
         contextlib.suppress(_Stopped),
@@ -223,11 +220,13 @@ def serve(args: argparse.Namespace) -> None:
         try:
             for signum in STOP_SIGNALS:  # before the banner: a signal sent once it is read must stop the server
                 previous[signum] = signal.signal(signum, _raise_stopped)
+            # Before the banner: whoever waits for it (a script, a test) finds any warning already printed
+            if warning := open_files_warning(dedicate_to_serving(), settings_from_args(args).max_concurrent_streams):
+                print(warning, file=sys.stderr, flush=True)
             print(f"sse-lab serving on {server.url} (Ctrl-C to stop)", flush=True)
             print(f"  open the page: {server.url}/", flush=True)
             print(f"  try: curl -N '{server.url}/api/chat/stream?prompt=hi&token_ms=200'", flush=True)
-            steady_collection()  # this process only serves: no collector pauses while streams pile up
-            collect_forever()
+            threading.Event().wait()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -51,7 +51,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -60,8 +59,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from tqdm.auto import tqdm
 
-from ..background import raise_open_files_limit
-from ..collector import collect_forever, steady_collection
+from ..background import dedicate_to_serving
 from ..handles import stop_process
 from ..load import LoadSpec, run_load
 from ..metrics import percentiles
@@ -228,10 +226,7 @@ def _serve_comparison(name: str) -> None:
     config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, backlog=2048)
     server = uvicorn.Server(config)
     print(f"http://127.0.0.1:{sock.getsockname()[1]}", flush=True)
-    # The garbage collector and the limit on open files as `python -m sse_lab serve` sets them: the same for all
-    steady_collection()
-    threading.Thread(target=collect_forever, daemon=True).start()
-    raise_open_files_limit()
+    dedicate_to_serving()  # as `python -m sse_lab serve` does: the same for every server
     server.run(sockets=[sock])
 
 
