@@ -1,10 +1,10 @@
 """How many users can one server stream to? The kit's server against the usual ways to write one.
 
 Every server here runs in a process of its own on uvicorn with the same settings
-(httptools, uvloop, access log off, the garbage collector of `sse_lab.collector`,
-as `python -m sse_lab serve` sets it), streams the same event bytes on the same
-absolute schedule (token i due at the request's start + i x token_ms: one
-`asyncio.sleep` per token in the comparison servers, the sim model's shared
+(httptools, uvloop, access log off, its process set up by `dedicate_to_serving`
+as `python -m sse_lab serve` sets up its own), streams the same event bytes on
+the same absolute schedule (token i due at the request's start + i x token_ms:
+one `asyncio.sleep` per token in the comparison servers, the sim model's shared
 timer in the kit's) and is read by the same load generator (`sse_lab.load`, in
 processes of its own):
 
