@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .. import client
 from ..background import serve_in_background
 from ..client import Param, stream_chat, stream_request
-from ..instruments.cpu import CpuMeter
+from ..instruments.cpu import MEASURING_TOKEN_MS, CpuMeter
 from ..instruments.faults import DropConnections
 from ..instruments.wire import WireCapture, capture
 from ..metrics import ChatResult
@@ -91,15 +91,17 @@ def wire_costs(
 def server_cpu_per_token(
     *, apis: Sequence[str] = APIS, tokens: int = 400, runs: int = 3, prompt: str = DEFAULT_PROMPT, progress: bool = True
 ) -> dict[str, list[float]]:
-    """Server CPU seconds per token, one figure per run, for each dialect: streams one at a time, no waiting."""
+    """Server CPU seconds per token, one figure per run, for each dialect: streams one at a time, at
+    `MEASURING_TOKEN_MS` (each event a write of its own)."""
     meter = CpuMeter(create_app())
     per_token: dict[str, list[float]] = {api: [] for api in apis}
     with serve_in_background(meter) as server:
         for _ in tqdm(range(runs), desc="server CPU per dialect", disable=not progress):
             for api in apis:
                 result = stream_chat(
-                    base_url_for(api, server.url), prompt, api=api, max_tokens=tokens, ttft_ms=0, token_ms=0
-                )
+                    base_url_for(api, server.url), prompt, api=api, max_tokens=tokens, ttft_ms=0,
+                    token_ms=MEASURING_TOKEN_MS,
+                )  # fmt: skip
                 assert result.tokens == tokens, result.error
                 per_token[api].append(meter.cpu_s[-1] / tokens)
     return per_token

@@ -187,12 +187,12 @@ class MemoryPoint:
     resolution_bytes: int = PAGE_BYTES
 
 
-def read_reply(client: httpx.Client, url: str, tokens: int) -> tuple[int, float]:
-    """Read a reply of `tokens` tokens (ttft_ms=0, token_ms=0) chunk by chunk, keeping only its size and tail.
+def read_reply(client: httpx.Client, url: str, tokens: int, token_ms: float = 0) -> tuple[int, float]:
+    """Read a reply of `tokens` tokens (ttft_ms=0, one per `token_ms`) chunk by chunk, keeping only its size and tail.
 
     Returns (bytes, seconds); raises ServerProcessError unless it was complete.
     """
-    params: dict[str, str | int] = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": 0}
+    params: dict[str, str | int | float] = {"prompt": PROMPT, "max_tokens": tokens, "ttft_ms": 0, "token_ms": token_ms}
     started = time.perf_counter()
     with client.stream("GET", url, params=params) as response:
         size, tail = 0, b""

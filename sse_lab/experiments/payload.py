@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..background import serve_in_background
 from ..client import STREAM_PATH as STREAM_PATH_CHAT
+from ..instruments.cpu import MEASURING_TOKEN_MS
 from ..model import GenerationRequest, sim, sim_tokens
 from ..server import EventStreamResponse
 from ..sse import Decoder, Event, decode, encode_event
@@ -383,8 +384,8 @@ class ServerCpu:
 
     Measured in a server process of its own (`memory.server_process`), from its
     /proc/PID/stat (user and system time, every thread), around one reply streamed
-    at ttft_ms=0 and token_ms=0 and read by this process: the server's work
-    alone, the client's not included.
+    at ttft_ms=0 and `MEASURING_TOKEN_MS` and read by this process: the server's
+    work alone, the client's not included.
     """
 
     tokens: int
@@ -393,9 +394,9 @@ class ServerCpu:
 
 
 def server_cpu_per_event(tokens: int = 50_000) -> ServerCpu:
-    """Measure `ServerCpu` for one streamed reply of `tokens` tokens (about 1.5 s at the default).
+    """Measure `ServerCpu` for one streamed reply of `tokens` tokens at `MEASURING_TOKEN_MS` (5 s at the default).
 
-    At about 12 µs per event, 50,000 events are some 60 clock ticks of CPU: a tick's resolution is under 2%.
+    At about 15 µs per event, 50,000 events are some 75 clock ticks of CPU: a tick's resolution is under 2%.
 
     Raises memory.MemoryMeasurementUnavailable on a system without Linux's /proc.
     """
@@ -404,7 +405,7 @@ def server_cpu_per_event(tokens: int = 50_000) -> ServerCpu:
     with memory.server_process(tokens) as server, httpx.Client(trust_env=False, timeout=600) as client:
         memory.read_reply(client, server.url + STREAM_PATH_CHAT, memory.WARM_UP_TOKENS)
         before = server.cpu_seconds()
-        memory.read_reply(client, server.url + STREAM_PATH_CHAT, tokens)
+        memory.read_reply(client, server.url + STREAM_PATH_CHAT, tokens, MEASURING_TOKEN_MS)
         cpu_s = server.cpu_seconds() - before
     return ServerCpu(tokens, cpu_s, 1e6 * cpu_s / tokens)
 

@@ -22,6 +22,12 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+# The pace of a stream that measures what one event costs the server: fast (10,000 tokens/s), yet paced, so that
+# each event is a write of its own, as a model's tokens are. Unpaced, the server writes as fast as it can, and
+# whenever the reader falls behind its writes pile up in the transport and leave in fewer, larger system calls:
+# the cost per event then depends on the reader (measured: 5.4-8.8 us per event unpaced, 14-18 us at this pace).
+MEASURING_TOKEN_MS = 0.1
+
 
 class CpuMeter:
     """An ASGI wrapper that appends each HTTP request's server CPU seconds to `cpu_s`."""
