@@ -477,19 +477,20 @@ class ChatStream:
         tokens: AsyncIterator[str] = aiter(self.source(generation))
         if options.fail_after is not None:
             tokens = _fail_at(tokens, generation.resume_from, options.fail_after)
-        in_prompt = options.prompt_tokens
-        index = generation.resume_from
+        in_prompt, index, max_tokens = options.prompt_tokens, generation.resume_from, generation.max_tokens
+        room = options.context_window - in_prompt  # tokens the window holds after the prompt
+        drop_at = None if options.drop_after is None else index + options.drop_after
         stats, blocklist, make_token_event = self.stats, options.blocklist, self.token_event
+        next_token = tokens.__anext__  # looked up once: the loop below runs once per token
         try:
-            while index < generation.max_tokens:
-                if in_prompt + index >= options.context_window:
-                    message = (
-                        f"{in_prompt} prompt tokens + {index} generated fill the window of {options.context_window}"
-                    )
+            while index < max_tokens:
+                if index >= room:
+                    window = options.context_window
+                    message = f"{in_prompt} prompt tokens + {index} generated fill the window of {window}"
                     yield self._failed(self.error_event("context_length_exceeded", message))
                     return
                 try:
-                    token = await anext(tokens)
+                    token = await next_token()
                 except StopAsyncIteration:
                     break
                 except Exception as failure:  # one line in the log, no traceback in a notebook
@@ -506,7 +507,7 @@ class ChatStream:
                     return
                 yield make_token_event(token, index)
                 index += 1
-                if index - generation.resume_from == options.drop_after and index < generation.max_tokens:
+                if index == drop_at and index < max_tokens:
                     return  # a connection cut: no `done`, the client resumes with Last-Event-ID
             self.outcome = "completed"
             yield self.done_event(_finish_reason(index, generation), index)
@@ -521,9 +522,7 @@ class ChatStream:
         # block, so no parser can mistake it for an event of its own.
         return f"retry: {self.settings.retry_ms}\n".encode()
 
-    def token_event(self, token: str, index: int) -> bytes:
-        """Token number `index`: a `token` event whose id is the index (the module's fast `token_event`)."""
-        return token_event(token, index)
+    token_event = staticmethod(token_event)  # token number `index`: `sse_lab.dialects` overrides it as a method
 
     def done_event(self, finish_reason: str, tokens: int) -> bytes:
         """The end of a stream that ran its course: `length` (max_tokens reached) or `stop`."""

@@ -173,5 +173,35 @@ def test_a_stream_cancelled_while_it_waits_leaves_the_others_on_time() -> None:
     assert len(asyncio.run(scenario())) == 3
 
 
+def test_a_paced_token_is_awaited_on_the_shared_timers_future_with_no_frame_between() -> None:
+    """The stream's task waits on the heap's future itself: waking for a token resumes no frame of the model."""
+    from sse_lab.model import _ticks
+
+    request = GenerationRequest("hi", max_tokens=2, ttft_ms=50, token_ms=10)
+
+    async def scenario() -> tuple[bool, bool, str]:
+        waiting = aiter(sim(request)).__anext__()
+        queued = any(entry[2] is waiting for entry in _ticks(asyncio.get_running_loop()).waiting)
+        return isinstance(waiting, asyncio.Future), queued, await waiting
+
+    assert asyncio.run(scenario()) == (True, True, sim_tokens("hi", 1)[0])
+
+
+def test_streams_whose_tokens_are_already_due_take_turns() -> None:
+    """Unpaced (or behind schedule), a stream still lets the others run between its tokens."""
+    order: list[int] = []
+
+    async def consume(stream: int) -> None:
+        async for _ in sim(fast("", max_tokens=20)):
+            order.append(stream)
+
+    async def both() -> None:
+        await asyncio.gather(consume(0), consume(1))
+
+    asyncio.run(both())
+    assert len(order) == 40
+    assert all(order[index] != order[index + 1] for index in range(len(order) - 1))
+
+
 async def _collect(tokens: AsyncIterator[str]) -> list[str]:
     return [token async for token in tokens]

@@ -39,7 +39,8 @@ def test_a_slow_reader_costs_each_policy_what_it_claims() -> None:
     assert runs["buffer"].peak_queued_bytes > 5 * max(runs["pause"].peak_queued_bytes, 1)
     assert runs["pause"].peak_queued_bytes <= 16 * 100  # queue_max events of about 65 bytes
     assert runs["pause"].producer_lag > 100 and runs["pull"].producer_lag > 100  # they waited for the reader
-    assert runs["coalesce"].producer_lag < runs["pause"].producer_lag / 3  # what remains is a busy CPU
+    # What remains is a busy CPU: 5-43 tokens behind on a quiet machine, 133 once beside the whole suite (pause: ~400)
+    assert runs["coalesce"].producer_lag < runs["pause"].producer_lag / 2
     assert runs["coalesce"].events_read < runs["pause"].events_read
 
 
