@@ -31,9 +31,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Itera
 from dataclasses import dataclass
 from itertools import chain, islice, repeat
 from itertools import count as indices
-from typing import Any, TypeVar
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -145,16 +142,16 @@ class _Ticks:
     EARLY_S = 0.0005
 
     def __init__(self) -> None:
-        self.waiting: list[tuple[float, int, asyncio.Future[Any], Any]] = []  # (due, tie-breaker, future, result)
+        self.waiting: list[tuple[float, int, asyncio.Future[str], str]] = []  # (due, tie-breaker, future, token)
         self.added = 0
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf
 
-    def at(self, loop: asyncio.AbstractEventLoop, when: float, value: T) -> asyncio.Future[T]:
-        """A future whose result is `value`, done at `loop`'s time `when`."""
-        future: asyncio.Future[T] = loop.create_future()
+    def at(self, loop: asyncio.AbstractEventLoop, when: float, token: str) -> asyncio.Future[str]:
+        """A future whose result is `token`, done at `loop`'s time `when`."""
+        future: asyncio.Future[str] = loop.create_future()
         self.added += 1
-        heapq.heappush(self.waiting, (when, self.added, future, value))
+        heapq.heappush(self.waiting, (when, self.added, future, token))
         if when < self.timer_at:
             if self.timer is not None:
                 self.timer.cancel()
@@ -165,9 +162,9 @@ class _Ticks:
         now = loop.time()
         waiting, release_until, pop = self.waiting, now + self.EARLY_S, heapq.heappop
         while waiting and waiting[0][0] <= release_until:
-            _, _, future, value = pop(waiting)
+            _, _, future, token = pop(waiting)
             if not future.done():  # done: cancelled with its stream
-                future.set_result(value)
+                future.set_result(token)
         if waiting:
             self.timer_at = max(waiting[0][0], now + self.TICK_S)
             self.timer = loop.call_at(self.timer_at, self._fire, loop)

@@ -485,8 +485,9 @@ class ChatStream:
         try:
             while index < max_tokens:
                 if index >= room:
-                    window = options.context_window
-                    message = f"{in_prompt} prompt tokens + {index} generated fill the window of {window}"
+                    message = (
+                        f"{in_prompt} prompt tokens + {index} generated fill the window of {options.context_window}"
+                    )
                     yield self._failed(self.error_event("context_length_exceeded", message))
                     return
                 try:
