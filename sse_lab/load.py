@@ -252,6 +252,13 @@ class _StreamReader(asyncio.Protocol):
         return rest
 
     def _dechunk(self, data: bytes) -> bytes:
+        if not (self._left or self._skip or self._pending):  # at a chunk's size line
+            size_end = data.find(b"\r\n")
+            # The common case: the read is one whole chunk, as a server writes each event. Else, the long way.
+            if size_end > 0 and data.endswith(b"\r\n"):
+                size = int(data[:size_end].split(b";", 1)[0], 16)
+                if size and size_end + 4 + size == len(data):
+                    return data[size_end + 2 : -2]
         if self._pending:
             data, self._pending = self._pending + data, b""
         pieces = []
@@ -287,7 +294,9 @@ class _StreamReader(asyncio.Protocol):
         record, read = self.record, self.read
         for event in self._decoder.feed(body):
             tokens, end = read(event)
-            if tokens:
+            if tokens == 1:
+                record.arrivals.append(now)
+            elif tokens:
                 record.arrivals.extend([now] * tokens)
             if end is not None:
                 self._end(end)

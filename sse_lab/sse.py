@@ -124,6 +124,7 @@ class Decoder:
 
     def __init__(self) -> None:
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._utf8_held = False  # the incremental decoder holds the first bytes of a character
         self._at_start = True  # no character decoded yet: a U+FEFF now is the byte order mark
         self._after_cr = False  # the last line ended with a CR, so an LF next is part of that line end
         self._partial: list[str] = []  # the line not ended yet, in pieces, so a long line is joined once
@@ -174,7 +175,14 @@ class Decoder:
         """Parse the next bytes of the stream; return the events they complete, in order."""
         if self._closed:
             raise ValueError("feed() on a closed SSE decoder")
-        return self._parse(self._utf8.decode(chunk))
+        if not self._utf8_held:
+            try:  # the common case, whole characters only: one call in C, and the same text the decoder would give
+                return self._parse(chunk.decode())
+            except UnicodeDecodeError:
+                pass
+        text = self._utf8.decode(chunk)
+        self._utf8_held = bool(self._utf8.getstate()[0])  # bytes of a character cut by the read wait for the next
+        return self._parse(text)
 
     def close(self) -> list[Event]:
         """End the stream. An event without its closing blank line is discarded, as the standard says.
@@ -200,31 +208,31 @@ class Decoder:
         if self._after_cr and text.startswith("\n"):
             text = text[1:]
         self._after_cr = text.endswith("\r")
-        if "\n" not in text and "\r" not in text:  # the common case when fed a few bytes at a time
-            if text:
-                self._partial.append(text)
-            return []
+        # The lines, and last the line not ended yet ("" when the text ends with a line end). str.split in C
+        # when no CR is in sight, as in every stream the kit sends.
+        lines = _LINE_END.split(text) if "\r" in text else text.split("\n")
+        unended = lines.pop()
+        if self._partial:
+            if not lines:  # the common case when fed a few bytes at a time
+                if unended:
+                    self._partial.append(unended)
+                return []
+            self._partial.append(lines[0])
+            lines[0] = "".join(self._partial)
+            self._partial.clear()
+        if unended:
+            self._partial.append(unended)
         events = []
-        start = 0
-        for end in _LINE_END.finditer(text):
-            line = text[start : end.start()]
-            if self._partial:
-                self._partial.append(line)
-                line = "".join(self._partial)
-                self._partial.clear()
-            event = self._interpret(line)
-            if event is not None:
-                events.append(event)
-            start = end.end()
-        if start < len(text):
-            self._partial.append(text[start:])
+        for line in lines:
+            if not line:
+                event = self._dispatch()
+                if event is not None:
+                    events.append(event)
+            elif line[0] != ":":  # not a comment
+                self._interpret(line)
         return events
 
-    def _interpret(self, line: str) -> Event | None:
-        if not line:
-            return self._dispatch()
-        if line[0] == ":":  # a comment
-            return None
+    def _interpret(self, line: str) -> None:
         name, _, value = line.partition(":")  # no colon: the whole line is the name, the value is empty
         self._fields_seen = self._fields_seen or name != "retry"
         if value.startswith(" "):
@@ -239,7 +247,6 @@ class Decoder:
         elif name == "retry" and value.isascii() and value.isdigit():
             # Decimal, because int() refuses more than 4,300 digits and a stream must not crash its client.
             self._retry = self._block_retry = int(Decimal(value))
-        return None
 
     def _dispatch(self) -> Event | None:
         self._fields_seen = False

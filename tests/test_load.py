@@ -36,6 +36,8 @@ from sse_lab.load import (
     summarize,
 )
 from sse_lab.metrics import PERCENTILES, RequestRecord
+from sse_lab.server import token_event
+from sse_lab.sse import Event, decode
 
 URL = "http://127.0.0.1:8000"
 
@@ -154,6 +156,36 @@ def test_several_tokens_in_one_read_arrive_together(server: BackgroundServer) ->
     assert len(set(whole.arrivals)) == 1  # one read: one arrival time for all four
     byte_by_byte = asyncio.run(read([wire.raw[i : i + 1] for i in range(len(wire.raw))]))
     assert byte_by_byte.outcome == "done" and len(byte_by_byte.arrivals) == 4
+
+
+@pytest.mark.parametrize("extension", [b"", b";note=x"])
+def test_a_read_of_one_whole_chunk_or_of_several_or_of_part_reads_alike(extension: bytes) -> None:
+    """A read that is exactly one chunk takes the reader's short way; all other reads take the long way."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    tokens = [token_event(f" t{index}", index) for index in range(4)]
+    done = b'event: done\ndata: {"finish_reason":"length","tokens":4}\n\n'
+    writes = [b"retry: 1000\n", *tokens[:2], tokens[2][:20], tokens[2][20:], tokens[3], done]  # one event in two
+    chunks = [b"%x%s\r\n%s\r\n" % (len(write), extension, write) for write in writes] + [b"0\r\n\r\n"]
+
+    async def read(pieces: list[bytes]) -> tuple[RequestRecord, list[Event]]:
+        record, events = RequestRecord(scheduled_at=0.0, sent_at=0.0), []
+
+        def read_event(event: Event) -> tuple[int, str | None]:
+            events.append(event)
+            return DIALECTS["kit"].read(event)
+
+        reader = _StreamReader(record, read_event)
+        for piece in pieces:
+            reader.data_received(piece)
+        return record, events
+
+    body = b"".join(chunks)
+    for pieces in ([head, *chunks], [head + body], [head, body[:7], body[7:60], body[60:]]):
+        record, events = asyncio.run(read(pieces))
+        assert (record.outcome, len(record.arrivals)) == ("done", 4)
+        assert events == decode(b"".join(writes))
+    one_chunk_per_read, _ = asyncio.run(read([head, *chunks]))
+    assert len(set(one_chunk_per_read.arrivals)) == 4  # each token stamped at its own read
 
 
 def test_a_worker_leaves_no_reference_cycles_so_it_runs_with_the_collector_off() -> None:
