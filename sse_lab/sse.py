@@ -177,7 +177,7 @@ class Decoder:
             raise ValueError("feed() on a closed SSE decoder")
         if not self._utf8_held:
             try:  # the common case, whole characters only: one call in C, and the same text the decoder would give
-                return self._parse(chunk.decode())
+                return self._parse(str(chunk, "utf-8"))  # any bytes-like object, as the incremental decoder takes
             except UnicodeDecodeError:
                 pass
         text = self._utf8.decode(chunk)

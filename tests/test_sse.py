@@ -244,3 +244,10 @@ def test_comments_decode_to_nothing(comment: str, data: str) -> None:
     assert not decoder.in_event
     event = encode_event(data)
     assert decode(encode_comment(comment) + event + encode_comment(comment) + b"\n") == decode(event)
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_any_bytes_like_chunk_is_fed_alike(kind: type) -> None:
+    stream = "data: caf\u00e9\n\n".encode()
+    whole, split = Decoder(), Decoder()  # split: a read ends inside the two bytes of the é
+    assert whole.feed(kind(stream)) == split.feed(kind(stream[:10])) + split.feed(kind(stream[10:])) == [Event("café")]
