@@ -141,20 +141,31 @@ def test_a_server_that_resets_every_connection_at_once_is_counted_not_a_crash() 
     assert sum(errors.values()) == 200 and set(errors) <= {"connect_failed", "cut_short"}
 
 
+def read_response(pieces: list[bytes]) -> tuple[RequestRecord, list[Event]]:
+    """Feed a response to the load generator's reader, one `data_received` per piece: its record and its events."""
+
+    async def read() -> tuple[RequestRecord, list[Event]]:
+        record, events = RequestRecord(scheduled_at=0.0, sent_at=0.0), []
+
+        def read_event(event: Event) -> tuple[int, str | None]:
+            events.append(event)
+            return DIALECTS["kit"].read(event)
+
+        reader = _StreamReader(record, read_event)
+        for piece in pieces:
+            reader.data_received(piece)
+        return record, events
+
+    return asyncio.run(read())
+
+
 def test_several_tokens_in_one_read_arrive_together(server: BackgroundServer) -> None:
     wire = capture_chat(server.url, "hi", max_tokens=4, ttft_ms=0, token_ms=0)
 
-    async def read(pieces: list[bytes]) -> RequestRecord:
-        record = RequestRecord(scheduled_at=0.0, sent_at=0.0)
-        reader = _StreamReader(record, DIALECTS["kit"].read)
-        for piece in pieces:
-            reader.data_received(piece)
-        return record
-
-    whole = asyncio.run(read([wire.raw]))
+    whole, _ = read_response([wire.raw])
     assert whole.outcome == "done" and len(whole.arrivals) == 4
     assert len(set(whole.arrivals)) == 1  # one read: one arrival time for all four
-    byte_by_byte = asyncio.run(read([wire.raw[i : i + 1] for i in range(len(wire.raw))]))
+    byte_by_byte, _ = read_response([wire.raw[i : i + 1] for i in range(len(wire.raw))])
     assert byte_by_byte.outcome == "done" and len(byte_by_byte.arrivals) == 4
 
 
@@ -167,24 +178,12 @@ def test_a_read_of_one_whole_chunk_or_of_several_or_of_part_reads_alike(extensio
     writes = [b"retry: 1000\n", *tokens[:2], tokens[2][:20], tokens[2][20:], tokens[3], done]  # one event in two
     chunks = [b"%x%s\r\n%s\r\n" % (len(write), extension, write) for write in writes] + [b"0\r\n\r\n"]
 
-    async def read(pieces: list[bytes]) -> tuple[RequestRecord, list[Event]]:
-        record, events = RequestRecord(scheduled_at=0.0, sent_at=0.0), []
-
-        def read_event(event: Event) -> tuple[int, str | None]:
-            events.append(event)
-            return DIALECTS["kit"].read(event)
-
-        reader = _StreamReader(record, read_event)
-        for piece in pieces:
-            reader.data_received(piece)
-        return record, events
-
     body = b"".join(chunks)
     for pieces in ([head, *chunks], [head + body], [head, body[:7], body[7:60], body[60:]]):
-        record, events = asyncio.run(read(pieces))
+        record, events = read_response(pieces)
         assert (record.outcome, len(record.arrivals)) == ("done", 4)
         assert events == decode(b"".join(writes))
-    one_chunk_per_read, _ = asyncio.run(read([head, *chunks]))
+    one_chunk_per_read, _ = read_response([head, *chunks])
     assert len(set(one_chunk_per_read.arrivals)) == 4  # each token stamped at its own read
 
 
@@ -271,9 +270,4 @@ def test_only_loopback_servers_are_load_tested() -> None:
     [b"HTTP/1.1\r\n\r\n", b"HTTP/1.1 abc OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
 )
 def test_a_response_that_breaks_http_is_cut_short_not_a_crash(garbage: bytes) -> None:
-    async def read() -> RequestRecord:
-        record = RequestRecord(scheduled_at=0.0, sent_at=0.0)
-        _StreamReader(record, DIALECTS["kit"].read).data_received(garbage)
-        return record
-
-    assert asyncio.run(read()).outcome == "cut_short"
+    assert read_response([garbage])[0].outcome == "cut_short"

@@ -99,9 +99,13 @@ def server_cpu_per_token(
         for _ in tqdm(range(runs), desc="server CPU per dialect", disable=not progress):
             for api in apis:
                 result = stream_chat(
-                    base_url_for(api, server.url), prompt, api=api, max_tokens=tokens, ttft_ms=0,
+                    base_url_for(api, server.url),
+                    prompt,
+                    api=api,
+                    max_tokens=tokens,
+                    ttft_ms=0,
                     token_ms=MEASURING_TOKEN_MS,
-                )  # fmt: skip
+                )
                 assert result.tokens == tokens, result.error
                 per_token[api].append(meter.cpu_s[-1] / tokens)
     return per_token
